@@ -1,0 +1,48 @@
+"""Python entry points that hide Haiku: load a store, get logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import LlamaConfig
+from .store import ShardingFor, Store, load_params
+
+
+class LoadedModel:
+    """A base model loaded from a parameter store, ready for forward passes."""
+
+    def __init__(self, config: LlamaConfig, params: Any, compute_dtype: str, store_path: Path | None = None):
+        import jax
+
+        from .llama import ModelOptions, transformed
+
+        self.config = config
+        self.params = params
+        self.store_path = store_path
+        self.options = ModelOptions(compute_dtype=compute_dtype)
+        self._apply = jax.jit(transformed(config, self.options).apply)
+
+    def logits(self, tokens: Any, segment_ids: Any = None) -> np.ndarray:
+        """tokens int [B, T] -> float32 numpy [B, T, V]."""
+        import jax.numpy as jnp
+
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        return np.asarray(self._apply(self.params, None, jnp.asarray(tokens, jnp.int32), seg))
+
+
+def load_model(path: str | Path, dtype: str = "float32", sharding_for: ShardingFor | None = None) -> LoadedModel:
+    """Load a parameter store. `dtype` is the compute dtype; parameters keep their stored dtype."""
+    store = Store(path)
+    try:
+        params = load_params(store, sharding_for)
+    finally:
+        store.close()
+    return LoadedModel(store.config, params, dtype, Path(path))

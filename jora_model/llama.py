@@ -1,0 +1,189 @@
+"""The Llama decoder as Haiku modules.
+
+Shapes (see config.py): tokens [B, T]; activations [B, T, D]; queries [B, T, H, E]; keys/values
+[B, T, K, E]; logits [B, T, V].
+
+Parameter paths (the names sharding rules and LoRA targets match on; layout.py maps them to the store):
+    embed/embeddings                    [V, D]
+    layers/attention_norm/scale         [L, D]
+    layers/attention/{q,k,v,o}_proj/w   [L, in, out]
+    layers/ffn_norm/scale               [L, D]
+    layers/mlp/{gate,up,down}_proj/w    [L, in, out]
+    final_norm/scale                    [D]
+    lm_head/w                           [D, V]
+Per-layer weights are stacked on L and the decoder runs as one scanned layer (hk.layer_stack): one
+compiled layer instead of L copies, and a natural unit for rematerialisation.
+
+Rotary uses the rotate-half convention: feature i of a head pairs with feature i + E/2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LlamaConfig
+
+_MASKED = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    compute_dtype: str = "float32"  # activations and matmul inputs; "bfloat16" for training
+    param_dtype: str = "float32"  # dtype of freshly initialised parameters (loaded ones keep theirs)
+    remat: bool = False  # recompute each decoder layer in the backward pass instead of storing it
+    scan_unroll: int = 1  # decoder layers per scan iteration (1 = fully rolled)
+
+
+class Linear(hk.Module):
+    """y = x @ w, no bias. Accumulates in fp32 whatever the operand dtype (fast and exact on CPUs
+    with bf16 units, and what transformers' bf16 matmuls do)."""
+
+    def __init__(self, out_features: int, options: ModelOptions, name: str):
+        super().__init__(name=name)
+        self.out_features = out_features
+        self.options = options
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        fan_in = x.shape[-1]
+        w = hk.get_parameter("w", [fan_in, self.out_features], jnp.dtype(self.options.param_dtype),
+                             init=hk.initializers.RandomNormal(stddev=fan_in ** -0.5))
+        cdt = jnp.dtype(self.options.compute_dtype)
+        y = jnp.matmul(x.astype(cdt), w.astype(cdt), preferred_element_type=jnp.float32)
+        return y.astype(cdt)
+
+
+class Embed(hk.Module):
+    def __init__(self, vocab_size: int, dim: int, options: ModelOptions, name: str = "embed"):
+        super().__init__(name=name)
+        self.shape, self.options = (vocab_size, dim), options
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        table = hk.get_parameter("embeddings", self.shape, jnp.dtype(self.options.param_dtype),
+                                 init=hk.initializers.RandomNormal(1.0))
+        return jnp.take(table, tokens, axis=0).astype(self.options.compute_dtype)
+
+
+class RMSNorm(hk.Module):
+    def __init__(self, eps: float, options: ModelOptions, name: str):
+        super().__init__(name=name)
+        self.eps = eps
+        self.options = options
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+        scale = hk.get_parameter("scale", [x.shape[-1]], jnp.dtype(self.options.param_dtype), init=jnp.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        cdt = jnp.dtype(self.options.compute_dtype)
+        # Like both references: normalise in fp32, cast back, then scale.
+        return normed.astype(cdt) * scale.astype(cdt)
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin, [B, T, E], for the rotate-half convention; computed in fp32."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # x [B, T, N, E]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T, T] boolean: causal, and only within the same segment (packed examples stay apart)."""
+    t = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its own segment, so a packed example sees positions 0, 1, ..."""
+    t = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], dtype=jnp.bool_), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+class Attention(hk.Module):
+    def __init__(self, config: LlamaConfig, options: ModelOptions, name: str = "attention"):
+        super().__init__(name=name)
+        self.c, self.o = config, options
+
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        c, o = self.c, self.o
+        b, t, _ = x.shape
+        e, k_heads, rep = c.head_dim, c.n_kv_heads, c.n_rep
+        q = Linear(c.n_heads * e, o, "q_proj")(x).reshape(b, t, c.n_heads, e)
+        k = Linear(k_heads * e, o, "k_proj")(x).reshape(b, t, k_heads, e)
+        v = Linear(k_heads * e, o, "v_proj")(x).reshape(b, t, k_heads, e)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Query head h = kv * rep + r reads KV head kv = h // rep: group queries instead of copying K/V.
+        q = q.reshape(b, t, k_heads, rep, e)
+        scores = jnp.einsum("btkre,bske->bkrts", q, k, preferred_element_type=jnp.float32) * (e ** -0.5)
+        scores = jnp.where(mask[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkrts,bske->btkre", probs, v, preferred_element_type=jnp.float32)
+        out = out.astype(v.dtype).reshape(b, t, c.n_heads * e)
+        return Linear(c.dim, o, "o_proj")(out)
+
+
+class MLP(hk.Module):
+    def __init__(self, config: LlamaConfig, options: ModelOptions, name: str = "mlp"):
+        super().__init__(name=name)
+        self.c, self.o = config, options
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, o = self.c, self.o
+        gate = Linear(c.ffn_dim, o, "gate_proj")(x)
+        up = Linear(c.ffn_dim, o, "up_proj")(x)
+        return Linear(c.dim, o, "down_proj")(jax.nn.silu(gate) * up)
+
+
+def decoder_layer(config: LlamaConfig, options: ModelOptions) -> Callable:
+    def layer(x, mask, cos, sin):
+        h = x + Attention(config, options)(RMSNorm(config.norm_eps, options, "attention_norm")(x), mask, cos, sin)
+        out = h + MLP(config, options)(RMSNorm(config.norm_eps, options, "ffn_norm")(h))
+        return out, mask, cos, sin
+
+    return hk.remat(layer) if options.remat else layer
+
+
+def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
+                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+    """tokens [B, T] -> logits [B, T, V] in fp32. Call inside hk.transform.
+
+    segment_ids [B, T] (optional): tokens attend only within their own segment; positions default to
+    each token's offset inside its segment, so packing does not change any example's logits.
+    """
+    if segment_ids is None:
+        segment_ids = jnp.zeros(tokens.shape, jnp.int32)
+    if positions is None:
+        positions = segment_positions(segment_ids)
+    cdt = jnp.dtype(options.compute_dtype)
+    x = Embed(config.vocab_size, config.dim, options)(tokens)
+    cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
+    mask = attention_mask(segment_ids)
+    stack = hk.layer_stack(config.n_layers, name="layers", unroll=options.scan_unroll)
+    x, *_ = stack(decoder_layer(config, options))(x, mask, cos, sin)
+    x = RMSNorm(config.norm_eps, options, "final_norm")(x)
+    return Linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32)
+
+
+def transformed(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:
+    """The pure (init, apply) pair. apply(params, rng, tokens, segment_ids=None, positions=None)."""
+    return hk.transform(lambda tokens, segment_ids=None, positions=None:
+                        llama_forward(config, options, tokens, segment_ids, positions))

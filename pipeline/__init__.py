@@ -1,0 +1,1 @@
+"""The Prefect flow over the stages, its deployments, and the `jora` command line."""

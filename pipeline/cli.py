@@ -1,0 +1,80 @@
+"""The `jora` command: one click group over the stage commands.
+
+Bad input (a `JoraError`) prints one line and exits with status 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from jora_model.errors import JoraError
+from stages.convert import convert_command
+
+
+class JoraGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except JoraError as exc:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("interrupted; finished outputs are intact", err=True)
+            ctx.exit(130)
+
+
+def _log_to_stderr(level: int) -> None:
+    """Stage progress ("skipped", "wrote ...") goes to stderr, one plain line each."""
+    logger = logging.getLogger("jora")
+    for handler in [h for h in logger.handlers if getattr(h, "_jora_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._jora_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+@click.group(cls=JoraGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="show tracebacks for bad input too.")
+@click.option("--quiet", "-q", is_flag=True, help="only warnings and errors.")
+def cli(debug: bool, quiet: bool) -> None:
+    """jora: LoRA fine-tuning of Llama models in JAX, as a pipeline of cached stages."""
+    _log_to_stderr(logging.WARNING if quiet else logging.INFO)
+    # JAX logs a warning for every accelerator plugin it probes and does not find; not news to a user.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+
+
+cli.add_command(convert_command)
+
+
+@cli.command("run")
+@click.option("--demo", is_flag=True, required=True,
+              help="run on the bundled sample data and a tiny random Llama (no downloads).")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="where every stage writes its output.")
+def run_command(demo: bool, workdir: Path) -> None:
+    """Run the pipeline. Today: --demo only (the Prefect flow with --config arrives with the pipeline)."""
+    from pipeline.demo import run_demo
+
+    result = run_demo(workdir)
+    click.echo(f"demo checkpoint (Meta layout): {result.source}")
+    click.echo(f"parameter store:               {result.store}")
+    click.echo(f"prompt {result.prompt!r} -> most likely next pieces: {', '.join(result.next_tokens)}")
+
+
+def main() -> None:
+    cli(prog_name="jora")
+
+
+if __name__ == "__main__":
+    main()

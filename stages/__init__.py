@@ -1,0 +1,1 @@
+"""The pipeline's stages: each a plain function, a cache key over its inputs, and a click command."""

@@ -1,0 +1,189 @@
+"""What every stage shares: a manifest of what an output was made from, an output directory that
+appears all at once, and skipping when nothing changed.
+
+An output directory is finished only when it holds `jora-manifest.json`, written last inside a
+private `.NAME.partial-PID-XXXX` directory that is then renamed into place. A crash leaves at most a
+partial directory, which is never read as output and is swept away by the next run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from jora_model.errors import JoraError
+
+MANIFEST = "jora-manifest.json"
+log = logging.getLogger("jora")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageResult:
+    stage: str
+    out_dir: Path
+    skipped: bool  # True when a finished output with the same key was already there
+    key: str  # content hash of inputs, settings and code version
+    manifest: dict[str, Any]
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        raise JoraError("corrupt stage manifest; delete the directory to rebuild it", path) from None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def hash_inputs(inputs: dict[str, Path], previous: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Content hashes of the input files. A file whose path, size and mtime match what the previous
+    manifest recorded keeps its recorded hash (as make and git do), so a rerun over a 130 GB checkpoint
+    does not re-read it; any edit changes the mtime and so gets rehashed."""
+    old = (previous or {}).get("inputs", {})
+    out: dict[str, dict[str, Any]] = {}
+    for name, path in sorted(inputs.items()):
+        path = Path(path)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise JoraError("input file not found", path) from None
+        record = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        cached = old.get(name)
+        if cached and all(cached.get(k) == v for k, v in record.items()) and "sha256" in cached:
+            record["sha256"] = cached["sha256"]
+        else:
+            record["sha256"] = file_sha256(path)
+        out[name] = record
+    return out
+
+
+def cache_key(stage: str, code_version: str, settings: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> str:
+    """Depends on file contents and names, not on where the files live or when they were touched."""
+    material = {"stage": stage, "code_version": code_version, "settings": settings,
+                "inputs": {name: rec["sha256"] for name, rec in inputs.items()}}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _outputs_intact(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    for rel, size in manifest.get("outputs", {}).items():
+        path = out_dir / rel
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def _check_ours(out_dir: Path, stage: str) -> dict[str, Any] | None:
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise JoraError("output path exists and is not a directory", out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        if any(out_dir.iterdir()):
+            raise JoraError("output directory exists, is not empty and was not made by jora; "
+                            "refusing to overwrite it", out_dir)
+        return None
+    if manifest.get("stage") != stage:
+        raise JoraError(f"output directory holds a jora {manifest.get('stage')!r} output, not {stage!r}", out_dir)
+    return manifest
+
+
+def _sweep_partials(out_dir: Path) -> None:
+    """Remove partial directories of runs that died (their process is gone)."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        try:
+            pid = int(path.name.rsplit(".partial-", 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
+def _list_outputs(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Path], settings: dict[str, Any],
+              build: Callable[[Path], dict[str, Any] | None], force: bool = False) -> StageResult:
+    """Run `build(tmp_dir)` unless `out_dir` already holds this exact result.
+
+    `inputs` maps stable names to files whose contents decide the result; `settings` must be
+    JSON-serialisable. `build` may return extra facts to record in the manifest."""
+    out_dir = Path(out_dir).absolute()
+    previous = _check_ours(out_dir, stage)
+    started = time.monotonic()
+    hashed = hash_inputs(inputs, previous)
+    key = cache_key(stage, code_version, settings, hashed)
+    if previous and not force and previous.get("key") == key and _outputs_intact(out_dir, previous):
+        log.info("%s: skipped, %s is up to date (key %s)", stage, out_dir, key[:12])
+        return StageResult(stage, out_dir, True, key, previous)
+    if previous and previous.get("key") == key and not force:
+        log.info("%s: output files in %s are missing or changed; rebuilding", stage, out_dir)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_partials(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        facts = build(tmp) or {}
+        manifest = {
+            "stage": stage, "key": key, "code_version": code_version, "settings": settings,
+            "inputs": hashed, "outputs": _list_outputs(tmp), "facts": facts,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        _write_json_durably(tmp / MANIFEST, manifest)
+        _move_into_place(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise JoraError(f"no space left on the device while writing {stage} output; "
+                            "the previous output is untouched", out_dir) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s: wrote %s in %.1f s", stage, out_dir, manifest["seconds"])
+    return StageResult(stage, out_dir, False, key, manifest)
+
+
+def _write_json_durably(path: Path, value: Any) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(value, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Swap the finished directory in. Between the two renames the old output sits under a hidden
+    name, so no reader ever sees a mix of old and new files."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

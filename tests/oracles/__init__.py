@@ -1,0 +1,1 @@
+"""Independent reference implementations and fixture writers used by jora's tests."""

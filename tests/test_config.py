@@ -1,0 +1,103 @@
+"""Model settings: Llama-2's presets and the readers of Meta's and HF's config files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+
+from jora_model.config import LlamaConfig, PRESETS, meta_ffn_dim, read_hf_config, read_meta_params
+from jora_model.errors import JoraError
+
+
+# Exact counts of the released checkpoints, and the rounded figures Meta publishes. 13B's exact count is
+# 0.12% above "13.0B": the published figure is rounded to 0.1B, so we check rounding at the published
+# precision and the exact count, which a wrong shape anywhere would change.
+@pytest.mark.parametrize("name,exact,published,digits", [
+    ("7B", 6_738_415_616, 6.74, 2), ("13B", 13_015_864_320, 13.0, 1), ("70B", 68_976_648_192, 69.0, 1)])
+def test_presets_match_published_parameter_counts(name, exact, published, digits):
+    count = PRESETS[name].param_count()
+    assert count == exact
+    assert round(count / 1e9, digits) == published
+    if name != "13B":
+        assert abs(count - published * 1e9) / (published * 1e9) < 1e-3
+
+
+def test_presets_match_transformers_parameter_count():
+    """Our count formula against transformers' own model (on the meta device: no memory)."""
+    import torch
+
+    for config in PRESETS.values():
+        hf_config = transformers.LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+            num_key_value_heads=config.n_kv_heads)
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(hf_config)
+        assert sum(p.numel() for p in model.parameters()) == config.param_count()
+
+
+def test_real_shapes():
+    p = PRESETS
+    assert (p["7B"].dim, p["7B"].n_layers, p["7B"].ffn_dim) == (4096, 32, 11008)
+    assert (p["13B"].dim, p["13B"].n_layers, p["13B"].ffn_dim) == (5120, 40, 13824)
+    assert (p["70B"].dim, p["70B"].n_layers, p["70B"].ffn_dim, p["70B"].n_heads, p["70B"].n_kv_heads) == \
+        (8192, 80, 28672, 64, 8)
+    assert p["70B"].n_rep == 8 and p["7B"].head_dim == 128
+
+
+def test_meta_params_reader(tmp_path):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64,
+                                "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}))
+    assert read_meta_params(path, vocab_size=32000) == PRESETS["70B"]
+    with pytest.raises(JoraError, match="vocab_size is -1"):
+        read_meta_params(path)
+    path.write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 100, "rope_theta": 5e5}))
+    config = read_meta_params(path)
+    assert (config.vocab_size, config.n_kv_heads, config.rope_theta) == (100, 4, 5e5)
+    assert config.ffn_dim == meta_ffn_dim(64, 256, None) == 256
+    with pytest.raises(JoraError, match="disagrees"):
+        read_meta_params(path, vocab_size=99)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{", "not valid JSON"),
+    (json.dumps({"n_layers": 2, "n_heads": 4}), "missing field 'dim'"),
+    (json.dumps({"dim": "64", "n_layers": 2, "n_heads": 4}), "wrong type"),
+    (json.dumps({"dim": 66, "n_layers": 2, "n_heads": 4, "vocab_size": 10}), "not divisible"),
+])
+def test_meta_params_errors_name_the_file(tmp_path, content, message):
+    path = tmp_path / "params.json"
+    path.write_text(content)
+    with pytest.raises(JoraError, match=message) as info:
+        read_meta_params(path, vocab_size=10)
+    assert str(path) in str(info.value)
+
+
+def test_hf_config_reader(tmp_path):
+    hf = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                  rope_theta=5e5, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path)
+    config, tied = read_hf_config(tmp_path / "config.json")
+    assert config == LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                                 norm_eps=1e-5, rope_theta=5e5, max_seq_len=hf.max_position_embeddings)
+    assert tied
+
+
+def test_hf_config_of_another_architecture_is_refused(tmp_path):
+    transformers.MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(JoraError, match="not a Llama model"):
+        read_hf_config(tmp_path / "config.json")
+
+
+def test_settings_round_trip_and_validation():
+    config = PRESETS["13B"]
+    assert LlamaConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(JoraError, match="unknown model settings"):
+        LlamaConfig.from_dict({**config.to_dict(), "colour": 1})
+    with pytest.raises(JoraError, match="n_kv_heads"):
+        config.replace(n_kv_heads=3)
