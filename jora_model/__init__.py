@@ -3,8 +3,9 @@
 Importing this package does no work: no device queries, no JAX initialisation.
 """
 
+from .alpaca import AlpacaConfig, generate_alpaca_dataset
 from .api import LoadedModel, load_model
 from .config import PRESETS, LlamaConfig, preset
 from .errors import JoraError
 
-__all__ = ["JoraError", "LlamaConfig", "LoadedModel", "PRESETS", "load_model", "preset"]
+__all__ = ["AlpacaConfig", "JoraError", "LlamaConfig", "LoadedModel", "PRESETS", "generate_alpaca_dataset", "load_model", "preset"]

@@ -13,6 +13,7 @@ import click
 
 from jora_model.errors import JoraError
 from stages.convert import convert_command
+from stages.tokenize import tokenize_command
 
 
 class JoraGroup(click.Group):
@@ -55,6 +56,7 @@ def cli(debug: bool, quiet: bool) -> None:
 
 
 cli.add_command(convert_command)
+cli.add_command(tokenize_command)
 
 
 @cli.command("run")
@@ -69,6 +71,8 @@ def run_command(demo: bool, workdir: Path) -> None:
     result = run_demo(workdir)
     click.echo(f"demo checkpoint (Meta layout): {result.source}")
     click.echo(f"parameter store:               {result.store}")
+    click.echo(f"tokenized data:                {result.shards}")
+    click.echo(result.report)
     click.echo(f"prompt {result.prompt!r} -> most likely next pieces: {', '.join(result.next_tokens)}")
 
 

@@ -1,7 +1,7 @@
 """`jora run --demo`: the whole pipeline on bundled data and a tiny random Llama, in a work directory.
 
-Today it runs the stages that exist (demo source -> convert) and a forward pass through the result;
-tokenize, train, merge and export join as they land.
+Today it runs the stages that exist (demo source -> convert, tokenize) and a forward pass through
+the store; train, merge and export join as they land.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from jora_model.errors import JoraError
 from stages.convert import ConvertSettings, convert
 from stages.demo_source import make_demo_source
+from stages.tokenize import TokenizeSettings, format_report, tokenize
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 log = logging.getLogger("jora")
@@ -22,6 +23,8 @@ log = logging.getLogger("jora")
 class DemoResult:
     source: Path
     store: Path
+    shards: Path
+    report: str
     prompt: str
     next_tokens: list[str]  # the random model's most likely next pieces: proof the store runs
 
@@ -34,7 +37,10 @@ def run_demo(workdir: Path) -> DemoResult:
     workdir = Path(workdir)
     source = make_demo_source(sample, settings, workdir / "demo-source")
     store = convert(source.out_dir, workdir / "store", ConvertSettings(dtype="bf16"))
-    return DemoResult(source.out_dir, store.out_dir, *_peek(store.out_dir))
+    shards = tokenize(sample, workdir / "tokenized", store.out_dir,
+                      TokenizeSettings(max_seq_len=512, val_fraction=0.1))
+    return DemoResult(source.out_dir, store.out_dir, shards.out_dir, format_report(shards.manifest["facts"]),
+                      *_peek(store.out_dir))
 
 
 def _peek(store_dir: Path) -> tuple[str, list[str]]:
