@@ -14,7 +14,8 @@ from .store import ShardingFor, Store, load_params
 class LoadedModel:
     """A base model loaded from a parameter store, ready for forward passes."""
 
-    def __init__(self, config: LlamaConfig, params: Any, compute_dtype: str, store_path: Path | None = None):
+    def __init__(self, config: LlamaConfig, params: Any, compute_dtype: str, store_path: Path | None = None,
+                 lora: Any = None):
         import jax
 
         from .llama import ModelOptions, transformed
@@ -22,7 +23,7 @@ class LoadedModel:
         self.config = config
         self.params = params
         self.store_path = store_path
-        self.options = ModelOptions(compute_dtype=compute_dtype)
+        self.options = ModelOptions(compute_dtype=compute_dtype, lora=lora)
         self._apply = jax.jit(transformed(config, self.options).apply)
 
     def logits(self, tokens: Any, segment_ids: Any = None) -> np.ndarray:
@@ -38,11 +39,22 @@ class LoadedModel:
         return np.asarray(self._apply(self.params, None, jnp.asarray(tokens, jnp.int32), seg))
 
 
-def load_model(path: str | Path, dtype: str = "float32", sharding_for: ShardingFor | None = None) -> LoadedModel:
-    """Load a parameter store. `dtype` is the compute dtype; parameters keep their stored dtype."""
+def load_model(path: str | Path, dtype: str = "float32", sharding_for: ShardingFor | None = None,
+               adapter: str | Path | None = None) -> LoadedModel:
+    """Load a parameter store, with a trained LoRA adapter (a train output or its adapter/ directory)
+    when given. `dtype` is the compute dtype; parameters keep their stored dtype."""
     store = Store(path)
     try:
         params = load_params(store, sharding_for)
     finally:
         store.close()
-    return LoadedModel(store.config, params, dtype, Path(path))
+    lora = None
+    if adapter is not None:
+        import jax
+
+        from .adapter import load_adapter
+        from .lora import merge_params
+
+        lora_params, lora, _ = load_adapter(Path(adapter), store.config)
+        params = merge_params(params, jax.tree.map(np.asarray, lora_params))
+    return LoadedModel(store.config, params, dtype, Path(path), lora)

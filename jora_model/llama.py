@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LlamaConfig
+from .lora import LoraSettings
 
 _MASKED = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
 
@@ -38,24 +39,43 @@ class ModelOptions:
     param_dtype: str = "float32"  # dtype of freshly initialised parameters (loaded ones keep theirs)
     remat: bool = False  # recompute each decoder layer in the backward pass instead of storing it
     scan_unroll: int = 1  # decoder layers per scan iteration (1 = fully rolled)
+    lora: LoraSettings | None = None  # adapters on the targeted linear layers
 
 
 class Linear(hk.Module):
-    """y = x @ w, no bias. Accumulates in fp32 whatever the operand dtype (fast and exact on CPUs
-    with bf16 units, and what transformers' bf16 matmuls do)."""
+    """y = x @ w (no bias), plus the LoRA update when this layer is a LoRA target. Accumulates in
+    fp32 whatever the operand dtype (fast and exact on CPUs with bf16 units, and what transformers'
+    bf16 matmuls do)."""
 
-    def __init__(self, out_features: int, options: ModelOptions, name: str):
+    def __init__(self, out_features: int, options: ModelOptions, name: str, training: bool = False):
         super().__init__(name=name)
         self.out_features = out_features
         self.options = options
+        self.training = training
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
         fan_in = x.shape[-1]
         w = hk.get_parameter("w", [fan_in, self.out_features], jnp.dtype(self.options.param_dtype),
                              init=hk.initializers.RandomNormal(stddev=fan_in ** -0.5))
         cdt = jnp.dtype(self.options.compute_dtype)
-        y = jnp.matmul(x.astype(cdt), w.astype(cdt), preferred_element_type=jnp.float32)
+        x = x.astype(cdt)
+        y = _matmul(x, w.astype(cdt))
+        lora = self.options.lora
+        if lora is not None and self.module_name.rsplit("/", 1)[-1] in lora.targets:
+            bound = fan_in ** -0.5
+            a = hk.get_parameter("lora_a", [fan_in, lora.r], jnp.float32,
+                                 init=hk.initializers.RandomUniform(-bound, bound))
+            b = hk.get_parameter("lora_b", [lora.r, self.out_features], jnp.float32, init=jnp.zeros)
+            h = x
+            if self.training and lora.dropout > 0:
+                h = hk.dropout(hk.next_rng_key(), lora.dropout, h)
+            update = _matmul(_matmul(h, a.astype(cdt)).astype(cdt), b.astype(cdt))
+            y = y + lora.scale * update
         return y.astype(cdt)
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
 
 
 class Embed(hk.Module):
@@ -119,17 +139,17 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 
 class Attention(hk.Module):
-    def __init__(self, config: LlamaConfig, options: ModelOptions, name: str = "attention"):
+    def __init__(self, config: LlamaConfig, options: ModelOptions, training: bool, name: str = "attention"):
         super().__init__(name=name)
-        self.c, self.o = config, options
+        self.c, self.o, self.training = config, options, training
 
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         c, o = self.c, self.o
         b, t, _ = x.shape
         e, k_heads, rep = c.head_dim, c.n_kv_heads, c.n_rep
-        q = Linear(c.n_heads * e, o, "q_proj")(x).reshape(b, t, c.n_heads, e)
-        k = Linear(k_heads * e, o, "k_proj")(x).reshape(b, t, k_heads, e)
-        v = Linear(k_heads * e, o, "v_proj")(x).reshape(b, t, k_heads, e)
+        q = Linear(c.n_heads * e, o, "q_proj", self.training)(x).reshape(b, t, c.n_heads, e)
+        k = Linear(k_heads * e, o, "k_proj", self.training)(x).reshape(b, t, k_heads, e)
+        v = Linear(k_heads * e, o, "v_proj", self.training)(x).reshape(b, t, k_heads, e)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # Query head h = kv * rep + r reads KV head kv = h // rep: group queries instead of copying K/V.
         q = q.reshape(b, t, k_heads, rep, e)
@@ -138,36 +158,39 @@ class Attention(hk.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkrts,bske->btkre", probs, v, preferred_element_type=jnp.float32)
         out = out.astype(v.dtype).reshape(b, t, c.n_heads * e)
-        return Linear(c.dim, o, "o_proj")(out)
+        return Linear(c.dim, o, "o_proj", self.training)(out)
 
 
 class MLP(hk.Module):
-    def __init__(self, config: LlamaConfig, options: ModelOptions, name: str = "mlp"):
+    def __init__(self, config: LlamaConfig, options: ModelOptions, training: bool, name: str = "mlp"):
         super().__init__(name=name)
-        self.c, self.o = config, options
+        self.c, self.o, self.training = config, options, training
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c, o = self.c, self.o
-        gate = Linear(c.ffn_dim, o, "gate_proj")(x)
-        up = Linear(c.ffn_dim, o, "up_proj")(x)
-        return Linear(c.dim, o, "down_proj")(jax.nn.silu(gate) * up)
+        gate = Linear(c.ffn_dim, o, "gate_proj", self.training)(x)
+        up = Linear(c.ffn_dim, o, "up_proj", self.training)(x)
+        return Linear(c.dim, o, "down_proj", self.training)(jax.nn.silu(gate) * up)
 
 
-def decoder_layer(config: LlamaConfig, options: ModelOptions) -> Callable:
+def decoder_layer(config: LlamaConfig, options: ModelOptions, training: bool) -> Callable:
     def layer(x, mask, cos, sin):
-        h = x + Attention(config, options)(RMSNorm(config.norm_eps, options, "attention_norm")(x), mask, cos, sin)
-        out = h + MLP(config, options)(RMSNorm(config.norm_eps, options, "ffn_norm")(h))
+        attention = Attention(config, options, training)
+        h = x + attention(RMSNorm(config.norm_eps, options, "attention_norm")(x), mask, cos, sin)
+        out = h + MLP(config, options, training)(RMSNorm(config.norm_eps, options, "ffn_norm")(h))
         return out, mask, cos, sin
 
     return hk.remat(layer) if options.remat else layer
 
 
 def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
-                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+                  training: bool = False) -> jax.Array:
     """tokens [B, T] -> logits [B, T, V] in fp32. Call inside hk.transform.
 
     segment_ids [B, T] (optional): tokens attend only within their own segment; positions default to
     each token's offset inside its segment, so packing does not change any example's logits.
+    training: LoRA dropout on (needs an rng in apply).
     """
     if segment_ids is None:
         segment_ids = jnp.zeros(tokens.shape, jnp.int32)
@@ -178,12 +201,13 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
     cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
     mask = attention_mask(segment_ids)
     stack = hk.layer_stack(config.n_layers, name="layers", unroll=options.scan_unroll)
-    x, *_ = stack(decoder_layer(config, options))(x, mask, cos, sin)
+    x, *_ = stack(decoder_layer(config, options, training))(x, mask, cos, sin)
     x = RMSNorm(config.norm_eps, options, "final_norm")(x)
     return Linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32)
 
 
 def transformed(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:
-    """The pure (init, apply) pair. apply(params, rng, tokens, segment_ids=None, positions=None)."""
-    return hk.transform(lambda tokens, segment_ids=None, positions=None:
-                        llama_forward(config, options, tokens, segment_ids, positions))
+    """The pure (init, apply) pair: apply(params, rng, tokens, segment_ids=None, positions=None,
+    training=False)."""
+    return hk.transform(lambda tokens, segment_ids=None, positions=None, training=False:
+                        llama_forward(config, options, tokens, segment_ids, positions, training))

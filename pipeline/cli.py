@@ -14,6 +14,7 @@ import click
 from jora_model.errors import JoraError
 from stages.convert import convert_command
 from stages.tokenize import tokenize_command
+from stages.train import train_command
 
 
 class JoraGroup(click.Group):
@@ -57,6 +58,7 @@ def cli(debug: bool, quiet: bool) -> None:
 
 cli.add_command(convert_command)
 cli.add_command(tokenize_command)
+cli.add_command(train_command)
 
 
 @cli.command("run")

@@ -118,19 +118,33 @@ def _sweep_partials(out_dir: Path) -> None:
 
 
 def _list_outputs(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def output_key(directory: Path) -> str | None:
+    """The cache key of a finished stage output: what later stages hash instead of re-reading it."""
+    manifest = read_manifest(Path(directory))
+    return manifest.get("key") if manifest else None
 
 
 def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Path], settings: dict[str, Any],
-              build: Callable[[Path], dict[str, Any] | None], force: bool = False) -> StageResult:
+              build: Callable[[Path], dict[str, Any] | None], force: bool = False,
+              upstream: dict[str, str] | None = None, resumable: bool = False) -> StageResult:
     """Run `build(tmp_dir)` unless `out_dir` already holds this exact result.
 
-    `inputs` maps stable names to files whose contents decide the result; `settings` must be
-    JSON-serialisable. `build` may return extra facts to record in the manifest."""
+    `inputs` maps stable names to files whose contents decide the result; `upstream` maps names to
+    the keys of earlier stages' outputs (their content hashes, without re-reading them); `settings`
+    must be JSON-serialisable. `build` may return extra facts to record in the manifest.
+
+    resumable: the work directory is named by the key (`.OUT.work-KEY`) and survives a failure or a
+    kill, so the next run with the same inputs continues in it (training checkpoints live there)."""
     out_dir = Path(out_dir).absolute()
     previous = _check_ours(out_dir, stage)
     started = time.monotonic()
     hashed = hash_inputs(inputs, previous)
+    for name, upstream_key in (upstream or {}).items():
+        hashed[name] = {"sha256": upstream_key, "upstream": True}
     key = cache_key(stage, code_version, settings, hashed)
     if previous and not force and previous.get("key") == key and _outputs_intact(out_dir, previous):
         log.info("%s: skipped, %s is up to date (key %s)", stage, out_dir, key[:12])
@@ -140,10 +154,24 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _sweep_partials(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    if resumable:
+        tmp = work_directory(out_dir, key)
+        if force:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for stale in out_dir.parent.glob(f".{out_dir.name}.work-*"):
+            if stale != tmp:
+                log.info("%s: removing %s (made with other inputs or settings)", stage, stale.name)
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(exist_ok=True)
+        lock = _lock(tmp)
+    else:
+        tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        lock = None
     try:
         facts = build(tmp) or {}
+        if lock is not None:
+            (tmp / ".lock").unlink(missing_ok=True)  # the open handle keeps the lock until we are done
         manifest = {
             "stage": stage, "key": key, "code_version": code_version, "settings": settings,
             "inputs": hashed, "outputs": _list_outputs(tmp), "facts": facts,
@@ -153,16 +181,38 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
         _write_json_durably(tmp / MANIFEST, manifest)
         _move_into_place(tmp, out_dir)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise JoraError(f"no space left on the device while writing {stage} output; "
                             "the previous output is untouched", out_dir) from None
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resumable:  # a resumable stage keeps its work (checkpoints) for the next run
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            lock.close()
     log.info("%s: wrote %s in %.1f s", stage, out_dir, manifest["seconds"])
     return StageResult(stage, out_dir, False, key, manifest)
+
+
+def work_directory(out_dir: Path, key: str) -> Path:
+    return Path(out_dir).absolute().parent / f".{Path(out_dir).name}.work-{key[:16]}"
+
+
+def _lock(directory: Path):
+    """An exclusive lock on a work directory: two runs must not write the same checkpoints."""
+    import fcntl
+
+    handle = open(directory / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise JoraError("another jora process is working on this output right now", directory) from None
+    return handle
 
 
 def _write_json_durably(path: Path, value: Any) -> None:

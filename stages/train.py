@@ -1,0 +1,125 @@
+"""Stage 3, train: LoRA training of the frozen base on tokenized shards, sharded over a device mesh.
+
+Inputs: a parameter store (convert's output), tokenized shards (tokenize's output) and optionally an
+adapter to warm-start from. Output: `adapter/` (adapter.safetensors + adapter.json), `metrics.jsonl`,
+`tensorboard/`, `loss.png` and the last checkpoints. Cache key: the upstream outputs' keys, every
+setting and CODE_VERSION. The work directory is kept across kills: the same command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import click
+
+from jora_model.errors import JoraError
+
+from .base import StageResult, output_key, run_stage
+
+CODE_VERSION = "train-1"
+log = logging.getLogger("jora")
+
+
+def _dir_key(path: Path, what: str) -> str:
+    """The upstream stage's key, or (for a directory jora did not make) a hash of its index file."""
+    key = output_key(path)
+    if key:
+        return key
+    for index in ("store.json", "stats.json", "adapter.json"):
+        if (path / index).is_file():
+            return hashlib.sha256((path / index).read_bytes()).hexdigest()
+    raise JoraError(f"not a jora {what}", path)
+
+
+def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
+          init_adapter: str | Path | None = None, resume: bool = True, force: bool = False,
+          on_metrics=None, progress: bool | None = None) -> StageResult:
+    """Train a LoRA adapter into `out` (skipped when up to date; resumed when interrupted)."""
+    from jora_model.adapter import adapter_dir
+    from jora_model.trainer import TrainSettings, run_training
+
+    settings = settings or TrainSettings()
+    model, data, out = Path(model), Path(data), Path(out)
+    for path, what in ((model, "parameter store"), (data, "tokenized data directory")):
+        if not path.is_dir():
+            raise JoraError(f"{what} not found", path)
+    upstream = {"model": _dir_key(model, "parameter store"), "data": _dir_key(data, "tokenized data directory")}
+    adapter_in = None
+    if init_adapter is not None:
+        adapter_in = adapter_dir(Path(init_adapter))
+        upstream["init_adapter"] = hashlib.sha256((adapter_in / "adapter.safetensors").read_bytes()).hexdigest()
+
+    def build(work: Path) -> dict:
+        if not resume:
+            import shutil
+
+            shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        result = run_training(model, data, work, settings, base_hash=upstream["model"], init_adapter=adapter_in,
+                              on_metrics=on_metrics, progress=progress)
+        return {"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
+                "resumed_from": result.resumed_from}
+
+    return run_stage("train", CODE_VERSION, out, {}, settings.to_dict(), build, force=force, upstream=upstream,
+                     resumable=True)
+
+
+def _targets(ctx, param, value: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+@click.command("train")
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="parameter store (jora convert).")
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="tokenized shards (jora tokenize).")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale alpha/r).")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True)
+@click.option("--targets", default="q_proj,v_proj", show_default=True, callback=_targets,
+              help="linear layers to adapt: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.")
+@click.option("--rslora", is_flag=True, help="scale by alpha/sqrt(r) (rank-stabilised LoRA).")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="peak learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=8, show_default=True,
+              help="micro-batches per optimizer step.")
+@click.option("--max-seq-len", type=click.IntRange(min=8), default=2000, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=7, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="stop after this many steps.")
+@click.option("--seed", type=int, default=420, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=100, show_default=True,
+              help="steps between evaluations on val/ (0: only at the end).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--mesh", default="", help="device mesh, e.g. data=2,model=4 [default: model=all devices].")
+@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--remat/--no-remat", default=True, show_default=True, help="recompute layers in the backward pass.")
+@click.option("--warmup-ratio", type=click.FloatRange(0, 1), default=0.03, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="continue from the newest checkpoint of an interrupted run.")
+@click.option("--init-adapter", type=click.Path(path_type=Path), default=None,
+              help="warm-start from an earlier adapter (same rank and targets).")
+@click.option("--force", is_flag=True, help="retrain even when the output is up to date.")
+def train_command(model, data, out, lora_r, lora_alpha, lora_dropout, targets, rslora, lr, batch_size, grad_accum,
+                  max_seq_len, epochs, max_steps, seed, eval_every, checkpoint_every, keep_checkpoints, mesh,
+                  compute_dtype, remat, warmup_ratio, weight_decay, max_grad_norm, resume, init_adapter, force):
+    """Train a LoRA adapter on the base model in --model with the shards in --data, into OUT."""
+    from jora_model.lora import LoraSettings
+    from jora_model.trainer import TrainSettings
+
+    settings = TrainSettings(
+        lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets, rslora=rslora),
+        lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len, epochs=epochs,
+        max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, mesh=mesh, compute_dtype=compute_dtype, remat=remat,
+        warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+    result = train(model, data, out, settings, init_adapter=init_adapter, resume=resume, force=force)
+    facts = result.manifest.get("facts", {})
+    verb = "skipped (up to date)" if result.skipped else "trained"
+    eval_loss = facts.get("eval_loss")
+    click.echo(f"{verb}: {result.out_dir / 'adapter'} ({facts.get('steps')} steps, final loss "
+               f"{facts.get('final_loss') or float('nan'):.4f}"
+               + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "") + ")")
