@@ -84,11 +84,13 @@ class HFCheckpoint:
     def tensors(self) -> Iterator[tuple[str, np.ndarray, Path]]:
         for hf_name, store_name in self._names:
             path = self.src / self.weight_map[hf_name]
-            # Open per tensor so the mapping (and its resident pages) goes as soon as it is copied.
+            # Open per tensor and hand out a view of the mapping: the writer copies it block by block
+            # straight to the store, and the mapping (with its resident pages) goes with the file.
             with SafetensorsFile(path) as f:
                 if hf_name not in f:
                     raise JoraError(f"tensor {hf_name} not found", path)
-                array = f.read(hf_name)
-            if array.ndim == 2 and store_name != "embed":
-                array = array.T  # [out, in] -> [in, out]
-            yield store_name, array, path
+                array = f.view(hf_name)
+                if array.ndim == 2 and store_name != "embed":
+                    array = array.T  # [out, in] -> [in, out]
+                yield store_name, array, path
+                del array

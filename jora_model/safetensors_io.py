@@ -39,6 +39,17 @@ _MAX_HEADER = 100 * 1024 * 1024
 assert sys.byteorder == "little", "safetensors is little-endian; big-endian hosts are not supported"
 
 
+def row_blocks(array: np.ndarray, block_bytes: int = 16 * 1024 * 1024):
+    """Views of consecutive leading-axis slices of about `block_bytes` each."""
+    if array.ndim == 0 or array.shape[0] == 0:
+        yield array
+        return
+    row_bytes = max(1, array.nbytes // array.shape[0])
+    step = max(1, block_bytes // row_bytes)
+    for start in range(0, array.shape[0], step):
+        yield array[start:start + step]
+
+
 def dtype_name(dtype: np.dtype | type) -> str:
     try:
         return DTYPE_NAMES[np.dtype(dtype)]
@@ -160,8 +171,10 @@ class PlannedWriter:
         if tuple(array.shape) != shape:
             raise JoraError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {shape}", self.path)
         self._file.seek(self._base + offset)
-        # Written straight from the array's buffer: no second copy of a large tensor.
-        self._file.write(np.ascontiguousarray(array, dtype=dtype).reshape(-1).view(np.uint8).data)
+        # Cast and lay out about 16 MiB of rows at a time: a transposed or differently typed input
+        # never costs a second whole-tensor copy.
+        for block in row_blocks(array):
+            self._file.write(np.ascontiguousarray(block, dtype=dtype).reshape(-1).view(np.uint8).data)
         self._written.add(name)
 
     def close(self) -> None:

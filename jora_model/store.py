@@ -18,7 +18,7 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import JoraError
 from .layout import ParamSpec, param_specs, store_tensors
-from .safetensors_io import PlannedWriter, SafetensorsFile, plan_shards
+from .safetensors_io import PlannedWriter, SafetensorsFile, plan_shards, row_blocks
 
 INDEX_NAME = "store.json"
 FORMAT = "jora-param-store"
@@ -67,9 +67,9 @@ class StoreWriter:
         if tuple(array.shape) != expected:
             raise JoraError(f"{name} has shape {tuple(array.shape)} but the model settings say {expected}",
                             source)
-        if not np.all(np.isfinite(array)):
+        if not all(np.isfinite(block).all() for block in row_blocks(array)):
             raise JoraError(f"{name} contains NaN or infinite values", source)
-        self._writer_of[name].write(name, array.astype(self.dtype, copy=False))
+        self._writer_of[name].write(name, array)  # cast block by block on the way to disk
 
     def finish(self) -> dict[str, Any]:
         for writer in self._writers:

@@ -181,14 +181,15 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
         _write_json_durably(tmp / MANIFEST, manifest)
         _move_into_place(tmp, out_dir)
     except OSError as exc:
-        if not resumable:
+        if not resumable or not any(p.name != ".lock" for p in tmp.iterdir()):
             shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise JoraError(f"no space left on the device while writing {stage} output; "
                             "the previous output is untouched", out_dir) from None
         raise
     except BaseException:
-        if not resumable:  # a resumable stage keeps its work (checkpoints) for the next run
+        # A resumable stage keeps its work (checkpoints) for the next run, unless it wrote nothing.
+        if not resumable or not any(p.name != ".lock" for p in tmp.iterdir()):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:

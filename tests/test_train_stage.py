@@ -1,0 +1,164 @@
+"""`jora train` as a user meets it: outputs, skip, kill-and-resume, warm start, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from tests.test_convert_stage import assert_clean_failure
+from tests.train_helpers import tiny_data, tiny_store
+
+JORA = Path(sys.executable).with_name("jora")
+COMMON = ["--lora-r", "4", "--lora-alpha", "8", "--batch-size", "2", "--grad-accum", "2", "--max-seq-len", "256",
+          "--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "1", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tokenizer_model):
+    root = tmp_path_factory.mktemp("train")
+    _, store = tiny_store(root, tokenizer_model)
+    return root, store, tiny_data(root, tokenizer_model)
+
+
+def _train(store, data, out, *extra):
+    return [str(JORA), "train", "--model", str(store), "--data", str(data), str(out), *COMMON, *extra]
+
+
+def test_train_writes_everything_and_skips_when_done(inputs, tmp_path):
+    root, store, data = inputs
+    out = tmp_path / "run"
+    first = subprocess.run(_train(store, data, out), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert "trained:" in first.stdout and "eval loss" in first.stdout
+    assert (out / "adapter" / "adapter.safetensors").is_file() and (out / "adapter" / "adapter.json").is_file()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
+    assert ["eval_loss" in r for r in records] == [False, False, True, False, False, True]
+    assert all(r["eval_perplexity"] > 1 for r in records if "eval_loss" in r)
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert meta["lora"]["r"] == 4 and meta["base_hash"] == json.loads((store / "jora-manifest.json").read_text())["key"]
+    started = time.monotonic()
+    second = subprocess.run(_train(store, data, out), capture_output=True, text=True)
+    assert second.returncode == 0 and "skipped" in second.stdout and time.monotonic() - started < 5
+    assert not list(tmp_path.glob(".run.work-*"))  # the work directory became the output
+
+
+def test_kill_and_resume_gives_a_bitwise_identical_adapter(inputs, tmp_path):
+    root, store, data = inputs
+    reference = tmp_path / "uninterrupted"
+    assert subprocess.run(_train(store, data, reference), capture_output=True).returncode == 0
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(_train(store, data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".killed.work-*/checkpoints/ckpt-00000003")):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()  # nothing half-finished was taken for output
+    resumed = subprocess.run(_train(store, data, out), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step" in resumed.stderr
+    facts = json.loads((out / "jora-manifest.json").read_text())["facts"]
+    assert facts["resumed_from"] >= 3
+    assert (out / "adapter" / "adapter.safetensors").read_bytes() == \
+        (reference / "adapter" / "adapter.safetensors").read_bytes()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no duplicated lines from the killed run
+
+
+def test_warm_start_from_an_earlier_adapter(inputs, tmp_path, tokenizer_model):
+    """--init-adapter starts from the earlier adapter: with a vanishing learning rate the new adapter is
+    the old one; a cold start from the same data begins with B = 0 and a higher loss."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    root, store, data = inputs
+    first = tmp_path / "first"
+    assert subprocess.run(_train(store, data, first, "--lr", "1e-2"), capture_output=True).returncode == 0
+    newer = tiny_data(root, tokenizer_model, n=16, seed=7)  # the refreshed retrieved context
+    warm = tmp_path / "warm"
+    result = subprocess.run(_train(store, newer, warm, "--init-adapter", str(first), "--lr", "1e-12"),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    before = load_file(first / "adapter" / "adapter.safetensors")
+    after = load_file(warm / "adapter" / "adapter.safetensors")
+    assert before.keys() == after.keys()
+    assert max(float(np.abs(before[k] - after[k]).max()) for k in before) < 1e-6
+    assert max(float(np.abs(before[k]).max()) for k in before if k.endswith("lora_b")) > 1e-3
+    cold = tmp_path / "cold"
+    assert subprocess.run(_train(store, newer, cold, "--lr", "1e-12"), capture_output=True).returncode == 0
+    first_step = [json.loads((d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in (warm, cold)]
+    assert first_step[0] < first_step[1]
+    bad = subprocess.run(_train(store, newer, tmp_path / "bad", "--init-adapter", str(first), "--lora-r", "8"),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "r=4" in bad.stderr
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_bad_paths_mesh_and_length(inputs, tmp_path):
+    root, store, data = inputs
+    common = COMMON
+    assert_clean_failure(_invoke("train", "--model", tmp_path / "nope", "--data", data, tmp_path / "o", *common),
+                         "parameter store not found")
+    assert_clean_failure(_invoke("train", "--model", data, "--data", data, tmp_path / "o", *common),
+                         "not a jora parameter store")
+    assert_clean_failure(_invoke("train", "--model", store, "--data", tmp_path / "nope", tmp_path / "o", *common),
+                         "tokenized data directory not found")
+    assert_clean_failure(_invoke("train", "--model", store, "--data", data, tmp_path / "o", *common,
+                                 "--mesh", "model=3"), "model=3 does not divide")
+    assert_clean_failure(_invoke("train", "--model", store, "--data", data, tmp_path / "o", *common,
+                                 "--mesh", "data=2,model=1"), "needs 2 devices")
+    assert_clean_failure(_invoke("train", "--model", store, "--data", data, tmp_path / "o", *common[:-8],
+                                 "--max-seq-len", "100000", "--max-steps", "2"), "longer than the model allows")
+    assert_clean_failure(_invoke("train", "--model", store, "--data", data, tmp_path / "o", *common[:-8],
+                                 "--max-seq-len", "64", "--max-steps", "2"), "more than max_seq_len")
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(inputs, tmp_path, monkeypatch):
+    """The step is made to report NaN from step 4 on (a diverging run); the trainer must stop with one
+    line, exit 2, and leave the checkpoints of steps 1-3 to resume from."""
+    import jax.numpy as jnp
+
+    import jora_model.train as train_module
+
+    real = train_module.make_step_functions
+
+    def diverging(*args, **kwargs):
+        fns = real(*args, **kwargs)
+
+        def train_step(state, frozen, batch):
+            state, metrics = fns.train_step(state, frozen, batch)
+            if int(state.step) >= 4:
+                metrics = metrics._replace(loss=jnp.float32(float("nan")))
+            return state, metrics
+
+        return train_module.StepFunctions(fns.init, train_step, fns.eval_step, fns.optimizer)
+
+    monkeypatch.setattr(train_module, "make_step_functions", diverging)
+    root, store, data = inputs
+    out = tmp_path / "nan"
+    result = _invoke("train", "--model", store, "--data", data, out, *COMMON)
+    assert_clean_failure(result, "loss became nan at step 4", "last good checkpoint (step 3)")
+    work = list(tmp_path.glob(".nan.work-*"))
+    assert len(work) == 1 and not out.exists()
+    assert sorted(p.name for p in (work[0] / "checkpoints").glob("ckpt-*")) == \
+        ["ckpt-00000001", "ckpt-00000002", "ckpt-00000003"]
