@@ -163,12 +163,17 @@ class AlpacaConfig:
     template: str = "alpaca"
 
 
-def generate_alpaca_dataset(path: str | Path, split: str, config: AlpacaConfig) -> list[dict[str, Any]]:
-    """The seed library's entry point: the examples of `split` ('train', or 'test'/'val') exactly as the
+def generate_alpaca_dataset(path: str | Path, split: str, config: Any) -> list[dict[str, Any]]:
+    """The seed library's entry point (config: an AlpacaConfig or the seed's ParallamaConfig): the examples of `split` ('train', or 'test'/'val') exactly as the
     tokenize stage writes them, in record order, each a dict with example_id, input_ids, loss_mask.
     Bad records raise; examples too long to keep are left out."""
     if split not in ("train", "test", "val"):
         raise JoraError(f"split must be 'train' or 'test', got {split!r}")
+    if hasattr(config, "JAX_PARAMS_PATH"):  # the seed's ParallamaConfig
+        from .seed_api import config_tokenizer
+
+        config = AlpacaConfig(tokenizer=str(config_tokenizer(config)), max_seq_len=config.MAX_SEQ_LEN,
+                              seed=config.SEED)
     tokenizer = Tokenizer(config.tokenizer)
     records = read_records(path)
     val_ids = held_out(len(records), config.val_fraction, config.seed)

@@ -93,11 +93,21 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
+# Small shapes for benchmarks and tests (random weights only; no such checkpoints exist).
+BENCH_SHAPES: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(vocab_size=32000, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=344),
+    "small": LlamaConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1376),
+    "base110m": LlamaConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048),
+}
+
+
 def preset(name: str) -> LlamaConfig:
+    """Llama-2's 7B/13B/70B, or a benchmark shape (tiny, small, base110m); case-insensitive."""
+    table = {**{k.lower(): v for k, v in PRESETS.items()}, **BENCH_SHAPES}
     try:
-        return PRESETS[name.upper()]
+        return table[name.lower()]
     except KeyError:
-        raise JoraError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise JoraError(f"unknown preset {name!r}; choose one of {', '.join(table)}") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

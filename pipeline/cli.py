@@ -75,7 +75,37 @@ def run_command(demo: bool, workdir: Path) -> None:
     click.echo(f"parameter store:               {result.store}")
     click.echo(f"tokenized data:                {result.shards}")
     click.echo(result.report)
+    eval_loss = f" (eval loss {result.eval_loss:.3f})" if result.eval_loss is not None else ""
+    click.echo(f"LoRA adapter:                  {result.adapter}{eval_loss}")
     click.echo(f"prompt {result.prompt!r} -> most likely next pieces: {', '.join(result.next_tokens)}")
+
+
+@cli.command("bench")
+@click.option("--preset", default="small", show_default=True, help="tiny, small, base110m, 7B, 13B or 70B.")
+@click.option("--seq", type=click.IntRange(min=8), default=512, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="timed steps.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="untimed steps.")
+@click.option("--mesh", default="", help="e.g. data=2,model=4 [default: model=all devices].")
+@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--param-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--remat/--no-remat", default=True, show_default=True)
+@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--targets", default="q_proj,v_proj", show_default=True)
+def bench_command(preset, seq, batch, grad_accum, steps, warmup, mesh, compute_dtype, param_dtype, remat, lora_r,
+                  targets) -> None:
+    """Time LoRA train steps on random weights of a preset's shape; print one JSON line."""
+    import json
+
+    from jora_model.bench import BenchSettings, run_bench
+    from jora_model.lora import LoraSettings
+
+    settings = BenchSettings(preset=preset, seq=seq, batch=batch, grad_accum=grad_accum, steps=steps,
+                             warmup=warmup, mesh=mesh, compute_dtype=compute_dtype, param_dtype=param_dtype,
+                             remat=remat, lora=LoraSettings(r=lora_r, alpha=lora_r,
+                                                            targets=tuple(targets.split(","))))
+    click.echo(json.dumps(run_bench(settings)))
 
 
 def main() -> None:

@@ -24,5 +24,6 @@ def test_demo_runs_and_reruns_from_cache(tmp_path):
 
     second = CliRunner().invoke(cli, ["run", "--demo", "--workdir", str(tmp_path)], catch_exceptions=False)
     assert second.exit_code == 0
-    assert second.stderr.count("skipped") == 3
+    assert second.stderr.count("skipped") == 4
+    assert (tmp_path / "adapter" / "adapter" / "adapter.safetensors").is_file() and "LoRA adapter:" in first.stdout
     assert (tmp_path / "tokenized" / "train").is_dir() and "examples in: 48" in first.stdout

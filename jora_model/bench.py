@@ -1,0 +1,142 @@
+"""`jora bench`: time the real train step on random weights of a given shape (nothing read from disk).
+
+Model FLOPs of one LoRA step over T tokens of a batch (the convention of the PaLM/MFU papers, adapted
+to a frozen base): the forward costs 2 N T for the N matmul parameters (lm_head included, embedding
+lookup excluded) plus 4 L T^2 D for attention scores and values; the backward of a frozen base needs
+only activation gradients, about the same again. LoRA's own matmuls and rematerialisation are not
+counted. So model FLOPs = 2 x forward; dividing by step time gives model FLOP/s, reported beside the
+machine's measured peak for a large matmul in the same dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from .config import LlamaConfig, preset
+from .lora import LoraSettings, init_lora_params
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    preset: str = "small"
+    seq: int = 512
+    batch: int = 1
+    grad_accum: int = 1
+    steps: int = 10  # timed steps
+    warmup: int = 2  # untimed steps (compilation)
+    mesh: str = ""
+    compute_dtype: str = "bfloat16"
+    param_dtype: str = "bfloat16"
+    remat: bool = True
+    lora: LoraSettings = LoraSettings()
+
+
+def model_flops_per_step(config: LlamaConfig, tokens_per_row: int, rows: int) -> float:
+    d, f, e = config.dim, config.ffn_dim, config.head_dim
+    per_layer = d * config.n_heads * e * 2 + d * config.n_kv_heads * e * 2 + 3 * d * f
+    matmul_params = config.n_layers * per_layer + d * config.vocab_size
+    forward = 2 * matmul_params * tokens_per_row * rows + 4 * config.n_layers * tokens_per_row ** 2 * d * rows
+    return 2.0 * forward
+
+
+def matmul_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of an n^3 matmul (fp32 accumulation) on the first device."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def random_frozen(config: LlamaConfig, mesh, dtype: str, seed: int = 0) -> dict:
+    """Random base weights, std 1/sqrt(fan_in), created on their devices already sharded."""
+    import jax
+    import jax.numpy as jnp
+
+    from . import sharding
+    from .layout import param_specs
+
+    params: dict[str, dict[str, Any]] = {}
+    key = jax.random.PRNGKey(seed)
+    for i, spec in enumerate(param_specs(config)):
+        target = sharding.param_sharding(mesh, spec.path, spec.shape)
+        if spec.name == "scale":
+            make = lambda shape=spec.shape: jnp.ones(shape, dtype)  # noqa: E731
+        else:
+            std = 1.0 if spec.name == "embeddings" else spec.shape[-2] ** -0.5
+            make = lambda k=jax.random.fold_in(key, i), shape=spec.shape, std=std: (  # noqa: E731
+                jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
+        params.setdefault(spec.module, {})[spec.name] = jax.jit(make, out_shardings=target)()
+    return params
+
+
+def run_bench(settings: BenchSettings) -> dict[str, Any]:
+    import jax
+
+    from . import sharding
+    from .train import OptimizerSettings, make_step_functions
+    from .trainer import _mesh_shape, _state_shardings
+
+    config = preset(settings.preset)
+    shape = _mesh_shape(settings.mesh)
+    sharding.check_divisible(config, shape, settings.batch)
+    mesh = sharding.make_mesh(shape)
+    frozen = random_frozen(config, mesh, settings.param_dtype)
+    lora = init_lora_params(config, settings.lora, 0)
+    lora_shardings = sharding.tree_shardings(mesh, lora)
+    optimizer = OptimizerSettings(total_steps=settings.steps + settings.warmup)
+    probe = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype, settings.remat)
+    abstract = jax.eval_shape(probe.init, lora)
+    fns = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype, settings.remat,
+                              state_shardings=_state_shardings(mesh, abstract, lora_shardings))
+    state = fns.init(jax.device_put(lora, lora_shardings))
+    rng = np.random.default_rng(0)
+    shape3 = (settings.grad_accum, settings.batch, settings.seq)
+    batch = jax.device_put({
+        "input_ids": rng.integers(0, config.vocab_size, shape3, dtype=np.int32),
+        "loss_mask": np.ones(shape3, bool), "segment_ids": np.ones(shape3, np.int32)},
+        sharding.batch_sharding(mesh))
+    times = []
+    for i in range(settings.warmup + settings.steps):
+        start = time.perf_counter()
+        state, metrics = fns.train_step(state, frozen, batch)
+        float(metrics.loss)  # waits for the step
+        if i >= settings.warmup:
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    tokens = settings.seq * settings.batch * settings.grad_accum
+    flops = model_flops_per_step(config, settings.seq, settings.batch * settings.grad_accum) / step_s
+    peak = matmul_peak_flops(settings.compute_dtype)
+    device = jax.devices()[0]
+
+    def bytes_on(tree) -> int:
+        return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards
+                   if s.device == device)
+
+    out = {
+        "preset": settings.preset, "seq": settings.seq, "batch": settings.batch, "grad_accum": settings.grad_accum,
+        "mesh": str(shape), "devices": len(jax.devices()), "platform": device.platform,
+        "compute_dtype": settings.compute_dtype, "param_dtype": settings.param_dtype, "remat": settings.remat,
+        "median_step_s": step_s, "min_step_s": min(times), "tokens_per_s": tokens / step_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "frozen_bytes_per_device": bytes_on(frozen), "trainable_state_bytes_per_device": bytes_on(state),
+        "params": config.param_count(), "model_flops_per_s": flops, "matmul_peak_flops_per_s": peak,
+        "fraction_of_matmul_peak": flops / peak, "final_loss": float(metrics.loss),
+    }
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak_bytes"] = stats["peak_bytes_in_use"]
+    return out
