@@ -59,6 +59,8 @@ def load_adapter(path: Path, config: LlamaConfig | None = None) -> tuple[dict, L
         base = LlamaConfig.from_dict(meta["base_config"])
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise JoraError("corrupt adapter settings", directory / SETTINGS) from None
+    except JoraError as exc:  # settings that parse but make no sense (an unknown target, say)
+        raise JoraError(str(exc), directory / SETTINGS) from None
     if config is not None and (base.dim, base.n_layers, base.n_heads, base.n_kv_heads, base.ffn_dim) != (
             config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.ffn_dim):
         raise JoraError("adapter was trained for a model of another shape "

@@ -20,7 +20,7 @@ Rotary uses the rotate-half convention: feature i of a head pairs with feature i
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import haiku as hk
 import jax
@@ -143,7 +143,11 @@ class Attention(hk.Module):
         super().__init__(name=name)
         self.c, self.o, self.training = config, options, training
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array,
+                 cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
+        """mask [B, T, S]. With `cache` ([B, S, K, E] keys and values of this layer), the new keys and
+        values are written at cache_index and attention runs over the whole cache; returns
+        (output, updated cache) then, else the output alone."""
         c, o = self.c, self.o
         b, t, _ = x.shape
         e, k_heads, rep = c.head_dim, c.n_kv_heads, c.n_rep
@@ -151,6 +155,10 @@ class Attention(hk.Module):
         k = Linear(k_heads * e, o, "k_proj", self.training)(x).reshape(b, t, k_heads, e)
         v = Linear(k_heads * e, o, "v_proj", self.training)(x).reshape(b, t, k_heads, e)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            at = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
         # Query head h = kv * rep + r reads KV head kv = h // rep: group queries instead of copying K/V.
         q = q.reshape(b, t, k_heads, rep, e)
         scores = jnp.einsum("btkre,bske->bkrts", q, k, preferred_element_type=jnp.float32) * (e ** -0.5)
@@ -158,7 +166,8 @@ class Attention(hk.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkrts,bske->btkre", probs, v, preferred_element_type=jnp.float32)
         out = out.astype(v.dtype).reshape(b, t, c.n_heads * e)
-        return Linear(c.dim, o, "o_proj", self.training)(out)
+        out = Linear(c.dim, o, "o_proj", self.training)(out)
+        return out if cache is None else (out, (k, v))
 
 
 class MLP(hk.Module):
@@ -181,6 +190,43 @@ def decoder_layer(config: LlamaConfig, options: ModelOptions, training: bool) ->
         return out, mask, cos, sin
 
     return hk.remat(layer) if options.remat else layer
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for generation: [L, B, S, K, E] each."""
+    k: jax.Array
+    v: jax.Array
+
+
+def empty_cache(config: LlamaConfig, batch: int, length: int, dtype: str) -> KVCache:
+    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def cached_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array, cache: KVCache,
+                   cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+    """tokens [B, T] at positions cache_index .. cache_index + T - 1 -> (logits [B, T, V], cache).
+    Call inside hk.transform; the parameters are the same as llama_forward's."""
+    t, length = tokens.shape[1], cache.k.shape[2]
+    positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), tokens.shape)
+    x = Embed(config.vocab_size, config.dim, options)(tokens)
+    cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
+    # a query sees every cached key at or before its own position (later slots are empty or stale)
+    mask = jnp.arange(length)[None, None, :] <= positions[:, :, None]
+
+    def layer(x, per_layer):
+        k_cache, v_cache = per_layer
+        attention = Attention(config, options, False)
+        h, (k_new, v_new) = attention(RMSNorm(config.norm_eps, options, "attention_norm")(x), mask, cos, sin,
+                                      (k_cache, v_cache), cache_index)
+        h = x + h
+        out = h + MLP(config, options, False)(RMSNorm(config.norm_eps, options, "ffn_norm")(h))
+        return out, (k_new, v_new)
+
+    stack = hk.layer_stack(config.n_layers, with_per_layer_inputs=True, name="layers")
+    x, (k_all, v_all) = stack(layer)(x, (cache.k, cache.v))
+    x = RMSNorm(config.norm_eps, options, "final_norm")(x)
+    return Linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32), KVCache(k_all, v_all)
 
 
 def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
@@ -211,3 +257,9 @@ def transformed(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:
     training=False)."""
     return hk.transform(lambda tokens, segment_ids=None, positions=None, training=False:
                         llama_forward(config, options, tokens, segment_ids, positions, training))
+
+
+def transformed_cached(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:
+    """apply(params, None, tokens, cache, cache_index) -> (logits, cache), for generation."""
+    return hk.transform(lambda tokens, cache, cache_index: cached_forward(config, options, tokens, cache,
+                                                                         cache_index))

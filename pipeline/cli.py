@@ -14,6 +14,8 @@ import click
 from jora_model.errors import JoraError
 from stages.convert import convert_command
 from stages.tokenize import tokenize_command
+from stages.export import export_adapter_command, export_command
+from stages.merge import merge_command
 from stages.train import train_command
 
 
@@ -59,6 +61,9 @@ def cli(debug: bool, quiet: bool) -> None:
 cli.add_command(convert_command)
 cli.add_command(tokenize_command)
 cli.add_command(train_command)
+cli.add_command(merge_command)
+cli.add_command(export_command)
+cli.add_command(export_adapter_command)
 
 
 @cli.command("run")
@@ -78,6 +83,43 @@ def run_command(demo: bool, workdir: Path) -> None:
     eval_loss = f" (eval loss {result.eval_loss:.3f})" if result.eval_loss is not None else ""
     click.echo(f"LoRA adapter:                  {result.adapter}{eval_loss}")
     click.echo(f"prompt {result.prompt!r} -> most likely next pieces: {', '.join(result.next_tokens)}")
+
+
+@cli.command("generate")
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="parameter store.")
+@click.option("--adapter", type=click.Path(path_type=Path), default=None, help="a trained adapter.")
+@click.option("--prompt", default=None, help="an instruction, answered with the training template.")
+@click.option("--input", "context", default="", help="retrieved context for --prompt.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Alpaca JSON / JSON Lines of requests.")
+@click.option("--limit", type=click.IntRange(min=1), default=5, show_default=True, help="records of --data to answer.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate_command(model, adapter, prompt, context, data, limit, max_new_tokens, temperature, top_p, seed) -> None:
+    """Generate answers from --model (with --adapter) for --prompt or the records of --data."""
+    from jora_model import JoraError, load_model
+    from jora_model.alpaca import check_record, read_records
+    from jora_model.generate import Generator, SamplingSettings, generate_text
+    from jora_model.tokenizer import Tokenizer
+
+    if (prompt is None) == (data is None):
+        raise JoraError("give exactly one of --prompt or --data")
+    requests = [{"instruction": prompt, "input": context}] if prompt is not None else read_records(data)[:limit]
+    for i, record in enumerate(requests):
+        problem = check_record({"output": "", **record}) if isinstance(record, dict) else "not an object"
+        if problem:
+            raise JoraError(f"record {i}: {problem}", data)
+    loaded = load_model(model, dtype="float32", adapter=adapter)
+    tokenizer = Tokenizer(model)
+    generator = Generator(loaded)
+    settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
+    for record in requests:
+        answer = generate_text(loaded, tokenizer, record["instruction"], record.get("input") or "", settings,
+                               generator)
+        if data is not None:
+            click.echo(f"### Instruction: {record['instruction']}")
+        click.echo(answer)
 
 
 @cli.command("bench")

@@ -1,0 +1,55 @@
+"""Stage 4, merge: fold a trained adapter into the base weights, giving a new parameter store.
+
+Inputs: a parameter store and an adapter (train's output or its adapter/ directory). Output: a
+parameter store in the base's dtype. Cache key: both upstream keys and CODE_VERSION.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import click
+
+from jora_model.errors import JoraError
+
+from .base import StageResult, run_stage
+from .train import _dir_key
+
+CODE_VERSION = "merge-1"
+
+
+def adapter_key(adapter: Path) -> str:
+    return hashlib.sha256((adapter / "adapter.safetensors").read_bytes()
+                          + (adapter / "adapter.json").read_bytes()).hexdigest()
+
+
+def merge(model: str | Path, adapter: str | Path, out: str | Path, force: bool = False,
+          progress: bool | None = None) -> StageResult:
+    from jora_model.adapter import adapter_dir
+    from jora_model.merge import merge_store
+
+    model, out = Path(model), Path(out)
+    if not model.is_dir():
+        raise JoraError("parameter store not found", model)
+    adapter = adapter_dir(Path(adapter))
+    upstream = {"model": _dir_key(model, "parameter store"), "adapter": adapter_key(adapter)}
+
+    def build(tmp: Path) -> dict:
+        merge_store(model, adapter, tmp, extra={"merged": {"base": upstream["model"], "adapter": upstream["adapter"]}},
+                    progress=progress)
+        return {"base": str(model.resolve()), "adapter": str(adapter.resolve())}
+
+    return run_stage("merge", CODE_VERSION, out, {}, {}, build, force=force, upstream=upstream)
+
+
+@click.command("merge")
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="parameter store.")
+@click.option("--adapter", "adapter", required=True, type=click.Path(path_type=Path),
+              help="a train output or its adapter/ directory.")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="rebuild even when the output is up to date.")
+def merge_command(model: Path, adapter: Path, out: Path, force: bool) -> None:
+    """Fold the LoRA adapter into the base weights of --model, writing a new parameter store OUT."""
+    result = merge(model, adapter, out, force=force)
+    click.echo(f"{'skipped (up to date)' if result.skipped else 'merged'}: {result.out_dir}")
