@@ -17,27 +17,32 @@ from .errors import JoraError
 _SPLIT = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 
-def _meta_tensors(config: LlamaConfig, rng: np.random.Generator, std: float):
+def _meta_tensors(config: LlamaConfig, rng: np.random.Generator):
+    """Meta's [out, in] weights with std 1/sqrt(in) (unit-scale activations, so the frozen output head
+    can express a peaked distribution for the adapter to learn), unit embeddings, unit norms."""
     d, e, f = config.dim, config.head_dim, config.ffn_dim
-    yield "tok_embeddings.weight", rng.normal(0, std, (config.vocab_size, d))
+
+    def linear(out: int, fan_in: int) -> np.ndarray:
+        return rng.normal(0, fan_in ** -0.5, (out, fan_in))
+
+    yield "tok_embeddings.weight", rng.normal(0, 1.0, (config.vocab_size, d))
     for i in range(config.n_layers):
         p = f"layers.{i}."
-        yield p + "attention.wq.weight", rng.normal(0, std, (config.n_heads * e, d))
-        yield p + "attention.wk.weight", rng.normal(0, std, (config.n_kv_heads * e, d))
-        yield p + "attention.wv.weight", rng.normal(0, std, (config.n_kv_heads * e, d))
-        yield p + "attention.wo.weight", rng.normal(0, std, (d, config.n_heads * e))
-        yield p + "feed_forward.w1.weight", rng.normal(0, std, (f, d))
-        yield p + "feed_forward.w2.weight", rng.normal(0, std, (d, f))
-        yield p + "feed_forward.w3.weight", rng.normal(0, std, (f, d))
+        yield p + "attention.wq.weight", linear(config.n_heads * e, d)
+        yield p + "attention.wk.weight", linear(config.n_kv_heads * e, d)
+        yield p + "attention.wv.weight", linear(config.n_kv_heads * e, d)
+        yield p + "attention.wo.weight", linear(d, config.n_heads * e)
+        yield p + "feed_forward.w1.weight", linear(f, d)
+        yield p + "feed_forward.w2.weight", linear(d, f)
+        yield p + "feed_forward.w3.weight", linear(f, d)
         yield p + "attention_norm.weight", np.ones(d)
         yield p + "ffn_norm.weight", np.ones(d)
     yield "norm.weight", np.ones(d)
-    yield "output.weight", rng.normal(0, std, (config.vocab_size, d))
+    yield "output.weight", linear(config.vocab_size, d)
 
 
 def write_random_meta_checkpoint(out_dir: Path, params: dict[str, Any], config: LlamaConfig,
-                                 tokenizer: Path | None, shards: int = 1, seed: int = 0,
-                                 std: float = 0.02) -> Path:
+                                 tokenizer: Path | None, shards: int = 1, seed: int = 0) -> Path:
     """Write params.json (as given), tokenizer.model and `shards` consolidated.NN.pth files in bf16."""
     import torch
 
@@ -50,7 +55,7 @@ def write_random_meta_checkpoint(out_dir: Path, params: dict[str, Any], config: 
         shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
     rng = np.random.default_rng(seed)
     states: list[dict[str, Any]] = [{} for _ in range(shards)]
-    for name, value in _meta_tensors(config, rng, std):
+    for name, value in _meta_tensors(config, rng):
         tensor = torch.from_numpy(np.asarray(value, np.float32)).to(torch.bfloat16)
         kind = name.split(".")[-2]
         for rank, piece in enumerate(tensor.chunk(shards, dim=_SPLIT[kind]) if kind in _SPLIT

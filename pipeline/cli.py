@@ -82,7 +82,9 @@ def run_command(demo: bool, workdir: Path) -> None:
     click.echo(result.report)
     eval_loss = f" (eval loss {result.eval_loss:.3f})" if result.eval_loss is not None else ""
     click.echo(f"LoRA adapter:                  {result.adapter}{eval_loss}")
-    click.echo(f"prompt {result.prompt!r} -> most likely next pieces: {', '.join(result.next_tokens)}")
+    click.echo(f"Hugging Face model:            {result.hf_model}")
+    click.echo(f"PEFT adapter:                  {result.peft_adapter}")
+    click.echo(f"Q: {result.question}\nA: {result.answer[:300]}")
 
 
 @cli.command("generate")

@@ -1,7 +1,8 @@
 """`jora run --demo`: the whole pipeline on bundled data and a tiny random Llama, in a work directory.
 
-Today it runs the stages that exist (demo source -> convert -> tokenize -> train) and a forward pass
-through the base model with the trained adapter; merge and export join as they land.
+It runs every stage (demo source -> convert -> tokenize -> train -> export with the adapter merged,
+and export-adapter) and ends with the trained model's answer to a demo question. The Prefect flow
+over the same stages arrives with the pipeline issue.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from jora_model.errors import JoraError
 from stages.convert import ConvertSettings, convert
 from stages.demo_source import make_demo_source
+from stages.export import export, export_adapter
 from stages.tokenize import TokenizeSettings, format_report, tokenize
 from stages.train import train
 
@@ -28,8 +30,10 @@ class DemoResult:
     report: str
     adapter: Path
     eval_loss: float | None
-    prompt: str
-    next_tokens: list[str]  # the random model's most likely next pieces: proof the store runs
+    hf_model: Path
+    peft_adapter: Path
+    question: str
+    answer: str  # what the tiny random model learned to say in a minute: proof the pipeline runs
 
 
 def run_demo(workdir: Path) -> DemoResult:
@@ -43,9 +47,11 @@ def run_demo(workdir: Path) -> DemoResult:
     shards = tokenize(sample, workdir / "tokenized", store.out_dir,
                       TokenizeSettings(max_seq_len=512, val_fraction=0.1))
     trained = train(store.out_dir, shards.out_dir, workdir / "adapter", demo_train_settings())
+    hf_model = export(store.out_dir, workdir / "hf-model", adapter=trained.out_dir)
+    peft_adapter = export_adapter(store.out_dir, trained.out_dir, workdir / "peft-adapter")
     return DemoResult(source.out_dir, store.out_dir, shards.out_dir, format_report(shards.manifest["facts"]),
-                      trained.out_dir / "adapter", trained.manifest["facts"].get("eval_loss"),
-                      *_peek(store.out_dir, trained.out_dir))
+                      trained.out_dir / "adapter", trained.manifest["facts"].get("eval_loss"), hf_model.out_dir,
+                      peft_adapter.out_dir, *_answer(store.out_dir, trained.out_dir))
 
 
 def demo_train_settings():
@@ -53,22 +59,17 @@ def demo_train_settings():
     from jora_model.lora import LoraSettings
     from jora_model.trainer import TrainSettings
 
-    return TrainSettings(lora=LoraSettings(r=8, alpha=16), lr=2e-3, batch_size=4, grad_accum=1, max_seq_len=512,
-                         epochs=2, eval_every=10, checkpoint_every=10)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return TrainSettings(lora=LoraSettings(r=16, alpha=32, targets=targets), lr=1e-2, batch_size=4, grad_accum=1,
+                         max_seq_len=512, epochs=4, eval_every=10, checkpoint_every=20, warmup_ratio=0.1)
 
 
-def _peek(store_dir: Path, adapter: Path) -> tuple[str, list[str]]:
-    """The trained model's most likely first pieces of the answer to a demo question, prompted with
-    the template it was trained on."""
-    import numpy as np
-
+def _answer(store_dir: Path, adapter: Path) -> tuple[str, str]:
+    """The trained model's greedy answer to a demo question, prompted with the training template."""
     from jora_model import load_model
-    from jora_model.alpaca import render_prompt
+    from jora_model.generate import SamplingSettings, generate_text
     from jora_model.tokenizer import Tokenizer
 
-    model = load_model(store_dir, dtype="float32", adapter=adapter)
-    tokenizer = Tokenizer(store_dir)
     question = "How often should the robot batteries be checked?"
-    ids = [tokenizer.bos_id] + tokenizer.encode(render_prompt(question, ""))
-    logits = model.logits(np.array([ids]))[0, -1]
-    return question, [tokenizer.piece(int(i)) for i in np.argsort(-logits)[:5]]
+    model = load_model(store_dir, dtype="float32", adapter=adapter)
+    return question, generate_text(model, Tokenizer(store_dir), question, "", SamplingSettings(max_new_tokens=40))

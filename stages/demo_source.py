@@ -14,7 +14,7 @@ from jora_model.errors import JoraError
 
 from .base import StageResult, run_stage
 
-CODE_VERSION = "demo-source-1"
+CODE_VERSION = "demo-source-2"
 
 
 def _texts(sample: Path):

@@ -14,7 +14,7 @@ from pipeline.cli import cli
 def test_demo_runs_and_reruns_from_cache(tmp_path):
     first = CliRunner().invoke(cli, ["run", "--demo", "--workdir", str(tmp_path)], catch_exceptions=False)
     assert first.exit_code == 0, first.output
-    assert "parameter store:" in first.stdout and "most likely next pieces" in first.stdout
+    assert "parameter store:" in first.stdout and "Hugging Face model:" in first.stdout and "\nA: " in first.stdout
     params = json.loads((tmp_path / "demo-source" / "params.json").read_text())
     assert params["vocab_size"] == -1  # written the way Llama-2's params.json is
     assert len(list((tmp_path / "demo-source").glob("consolidated.*.pth"))) == 2
@@ -24,6 +24,8 @@ def test_demo_runs_and_reruns_from_cache(tmp_path):
 
     second = CliRunner().invoke(cli, ["run", "--demo", "--workdir", str(tmp_path)], catch_exceptions=False)
     assert second.exit_code == 0
-    assert second.stderr.count("skipped") == 4
+    assert second.stderr.count("skipped") == 6
+    assert (tmp_path / "hf-model" / "config.json").is_file()
+    assert (tmp_path / "peft-adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter" / "adapter.safetensors").is_file() and "LoRA adapter:" in first.stdout
     assert (tmp_path / "tokenized" / "train").is_dir() and "examples in: 48" in first.stdout
