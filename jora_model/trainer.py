@@ -77,6 +77,40 @@ class TrainResult:
     resumed_from: int | None  # step of the checkpoint the run continued from
 
 
+class TrainingInterrupted(JoraError):
+    """Training stopped on request; the newest checkpoint holds the state to resume from."""
+
+
+class _StopOnSignal:
+    """Turns SIGTERM/SIGINT into a request to stop after the current step (only the main thread can
+    receive signals; elsewhere nothing is installed and the defaults apply)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested: str | None = None
+        self._previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.requested:  # a second signal: stop now
+            self.restore()
+            signal.raise_signal(signum)
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def _mesh_shape(spec: str):
     import jax
 
@@ -292,8 +326,14 @@ def run_training(store_path: Path, data_dir: Path, work_dir: Path, settings: Tra
     final_loss = eval_loss = None
     last_good = resumed_from
     iterator = iter(reader)
+    stop = _StopOnSignal()
     try:
         while step < total_steps:
+            if stop.requested:  # a cancelled Prefect run or a kill -TERM: stop between steps, resumably
+                if last_good != step:
+                    checkpoint()
+                raise TrainingInterrupted(f"stopped by {stop.requested} at step {step}; checkpoint kept in "
+                                          f"{checkpoints}: the same command resumes from it")
             started = time.perf_counter()
             micro = [next(iterator) for _ in range(settings.grad_accum)]
             arrays = _stack(micro)
@@ -324,6 +364,7 @@ def run_training(store_path: Path, data_dir: Path, work_dir: Path, settings: Tra
                 checkpoint()
                 last_good = step
     finally:
+        stop.restore()
         bar.close()
         metrics_log.close()
 

@@ -66,25 +66,88 @@ cli.add_command(export_command)
 cli.add_command(export_adapter_command)
 
 
-@cli.command("run")
-@click.option("--demo", is_flag=True, required=True,
-              help="run on the bundled sample data and a tiny random Llama (no downloads).")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("."), show_default=True,
-              help="where every stage writes its output.")
-def run_command(demo: bool, workdir: Path) -> None:
-    """Run the pipeline. Today: --demo only (the Prefect flow with --config arrives with the pipeline)."""
-    from pipeline.demo import run_demo
+def _overrides(values: tuple[str, ...]) -> dict:
+    import yaml
 
-    result = run_demo(workdir)
-    click.echo(f"demo checkpoint (Meta layout): {result.source}")
-    click.echo(f"parameter store:               {result.store}")
-    click.echo(f"tokenized data:                {result.shards}")
-    click.echo(result.report)
-    eval_loss = f" (eval loss {result.eval_loss:.3f})" if result.eval_loss is not None else ""
-    click.echo(f"LoRA adapter:                  {result.adapter}{eval_loss}")
-    click.echo(f"Hugging Face model:            {result.hf_model}")
-    click.echo(f"PEFT adapter:                  {result.peft_adapter}")
-    click.echo(f"Q: {result.question}\nA: {result.answer[:300]}")
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise JoraError(f"--set wants KEY=VALUE (e.g. train.lr=2e-4), got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@cli.command("run")
+@click.option("--demo", is_flag=True, help="the bundled sample data and a tiny random Llama (no downloads).")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+              help="a settings YAML (see pipeline/finetune.example.yaml).")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="where every stage writes its output [demo: the current directory; config: its workdir].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a setting, e.g. train.lr=2e-4.")
+def run_command(demo: bool, config: Path | None, workdir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Run the finetune flow: convert, tokenize, train, merge, export; up-to-date stages are skipped."""
+    if demo == (config is not None):
+        raise JoraError("give exactly one of --demo or --config FILE")
+    if demo:
+        from pipeline.demo import run_demo
+
+        result = run_demo(workdir or Path("."))
+        for name, stage in result.stages.items():
+            click.echo(f"{name:15s} {'skipped (up to date)' if stage['skipped'] else 'ran':22s} {stage['path']}")
+        click.echo(f"Hugging Face model: {result.hf_model}")
+        click.echo(f"LoRA adapter:       {result.adapter}")
+        click.echo(f"PEFT adapter:       {result.peft_adapter}")
+        click.echo(f"Q: {result.question}\nA: {result.answer[:300]}")
+        return
+    from pipeline.flow import finetune
+    from pipeline.settings import load_settings
+
+    settings = load_settings(config, _overrides(overrides))
+    if workdir is not None:
+        settings = settings.model_copy(update={"workdir": str(workdir.resolve())})
+    result = finetune(settings)
+    for name, stage in result["stages"].items():
+        click.echo(f"{name:15s} {'skipped (up to date)' if stage['skipped'] else 'ran':22s} {stage['path']}")
+
+
+@cli.command("deploy")
+@click.option("--name", required=True, help="deployment name: run it with prefect deployment run 'finetune/NAME'.")
+@click.option("--cron", default=None, help='schedule, e.g. "0 3 * * *" (03:00 every day).')
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None, help="a settings YAML.")
+@click.option("--demo", is_flag=True, help="deploy the bundled demo.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="override the work directory.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a setting.")
+def deploy_command(name: str, cron: str | None, config: Path | None, demo: bool, workdir: Path | None,
+                   overrides: tuple[str, ...]) -> None:
+    """Serve the finetune flow as a deployment (with a cron schedule) until interrupted."""
+    from pipeline.deploy import serve
+
+    if demo == (config is not None):
+        raise JoraError("give exactly one of --demo or --config FILE")
+    if demo:
+        from pipeline.demo import prepare_demo
+
+        settings = prepare_demo(workdir or Path("."))
+    else:
+        from pipeline.settings import load_settings
+
+        settings = load_settings(config, _overrides(overrides))
+        if workdir is not None:
+            settings = settings.model_copy(update={"workdir": str(workdir.resolve())})
+    serve(name, cron, settings)
+
+
+@cli.command("server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(1, 65535), default=4200, show_default=True)
+@click.option("--ui/--no-ui", default=True, show_default=True)
+def server_command(host: str, port: int, ui: bool) -> None:
+    """Start a local Prefect server (telemetry off); point clients at it with
+    PREFECT_API_URL=http://HOST:PORT/api."""
+    from pipeline.deploy import start_server
+
+    sys.exit(start_server(host, port, ui))
 
 
 @cli.command("generate")

@@ -1,75 +1,75 @@
-"""`jora run --demo`: the whole pipeline on bundled data and a tiny random Llama, in a work directory.
+"""`jora run --demo`: the whole flow on bundled data and a tiny random Llama, in a work directory.
 
-It runs every stage (demo source -> convert -> tokenize -> train -> export with the adapter merged,
-and export-adapter) and ends with the trained model's answer to a demo question. The Prefect flow
-over the same stages arrives with the pipeline issue.
+The demo checkpoint (Meta's layout, with a SentencePiece tokenizer trained on the sample data) is
+built first, then the `finetune` flow runs every stage on it, and the trained model answers a question.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from jora_model.errors import JoraError
-from stages.convert import ConvertSettings, convert
-from stages.demo_source import make_demo_source
-from stages.export import export, export_adapter
-from stages.tokenize import TokenizeSettings, format_report, tokenize
-from stages.train import train
+from pipeline.settings import DataSection, ExportSection, FinetuneSettings, LoraSection, ModelSection, TrainSection
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-log = logging.getLogger("jora")
+SAMPLE, TINY_MODEL = DATA_DIR / "sample_alpaca.json", DATA_DIR / "tiny_llama.json"
+QUESTION = "How often should the robot batteries be checked?"
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    source: Path
-    store: Path
-    shards: Path
-    report: str
-    adapter: Path
-    eval_loss: float | None
+    workdir: Path
     hf_model: Path
-    peft_adapter: Path
+    adapter: Path
+    peft_adapter: Path | None
+    stages: dict
     question: str
     answer: str  # what the tiny random model learned to say in a minute: proof the pipeline runs
 
 
-def run_demo(workdir: Path) -> DemoResult:
-    sample, settings = DATA_DIR / "sample_alpaca.json", DATA_DIR / "tiny_llama.json"
-    for path in (sample, settings):
+def prepare_demo(workdir: Path) -> FinetuneSettings:
+    """Build the demo checkpoint (cached like a stage) and return the settings that run on it."""
+    from stages.demo_source import make_demo_source
+
+    for path in (SAMPLE, TINY_MODEL):
         if not path.is_file():
             raise JoraError("bundled demo data not found (run from a checkout of jora)", path)
-    workdir = Path(workdir)
-    source = make_demo_source(sample, settings, workdir / "demo-source")
-    store = convert(source.out_dir, workdir / "store", ConvertSettings(dtype="bf16"))
-    shards = tokenize(sample, workdir / "tokenized", store.out_dir,
-                      TokenizeSettings(max_seq_len=512, val_fraction=0.1))
-    trained = train(store.out_dir, shards.out_dir, workdir / "adapter", demo_train_settings())
-    hf_model = export(store.out_dir, workdir / "hf-model", adapter=trained.out_dir)
-    peft_adapter = export_adapter(store.out_dir, trained.out_dir, workdir / "peft-adapter")
-    return DemoResult(source.out_dir, store.out_dir, shards.out_dir, format_report(shards.manifest["facts"]),
-                      trained.out_dir / "adapter", trained.manifest["facts"].get("eval_loss"), hf_model.out_dir,
-                      peft_adapter.out_dir, *_answer(store.out_dir, trained.out_dir))
+    workdir = Path(workdir).resolve()
+    source = make_demo_source(SAMPLE, TINY_MODEL, workdir / "demo-source")
+    return demo_settings(workdir, source.out_dir, SAMPLE)
 
 
-def demo_train_settings():
+def demo_settings(workdir: Path, checkpoint: Path, data: Path) -> FinetuneSettings:
     """Small enough to finish in about a minute on 2 cores; large enough to see the loss fall."""
-    from jora_model.lora import LoraSettings
-    from jora_model.trainer import TrainSettings
+    return FinetuneSettings(
+        workdir=str(workdir),
+        model=ModelSection(checkpoint=str(checkpoint), dtype="bf16"),
+        data=DataSection(path=str(data), max_seq_len=512, val_fraction=0.1),
+        lora=LoraSection(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"]),
+        train=TrainSection(lr=1e-2, batch_size=4, grad_accum=1, epochs=4, eval_every=10, checkpoint_every=20,
+                           warmup_ratio=0.1),
+        export=ExportSection(dtype="bf16"),
+    )
 
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    return TrainSettings(lora=LoraSettings(r=16, alpha=32, targets=targets), lr=1e-2, batch_size=4, grad_accum=1,
-                         max_seq_len=512, epochs=4, eval_every=10, checkpoint_every=20, warmup_ratio=0.1)
 
-
-def _answer(store_dir: Path, adapter: Path) -> tuple[str, str]:
-    """The trained model's greedy answer to a demo question, prompted with the training template."""
+def answer(store: Path, adapter: Path, question: str = QUESTION, max_new_tokens: int = 40) -> str:
+    """The trained model's greedy answer, prompted with the training template."""
     from jora_model import load_model
     from jora_model.generate import SamplingSettings, generate_text
     from jora_model.tokenizer import Tokenizer
 
-    question = "How often should the robot batteries be checked?"
-    model = load_model(store_dir, dtype="float32", adapter=adapter)
-    return question, generate_text(model, Tokenizer(store_dir), question, "", SamplingSettings(max_new_tokens=40))
+    model = load_model(store, dtype="float32", adapter=adapter)
+    return generate_text(model, Tokenizer(store), question, "", SamplingSettings(max_new_tokens=max_new_tokens))
+
+
+def run_demo(workdir: Path) -> DemoResult:
+    from pipeline.flow import finetune
+
+    settings = prepare_demo(workdir)
+    result = finetune(settings)
+    work = Path(settings.workdir)
+    return DemoResult(work, Path(result["hf_model"]), Path(result["adapter"]),
+                      Path(result["peft_adapter"]) if result["peft_adapter"] else None, result["stages"], QUESTION,
+                      answer(work / "store", Path(result["adapter"])))

@@ -123,9 +123,12 @@ def _list_outputs(root: Path) -> dict[str, int]:
 
 
 def output_key(directory: Path) -> str | None:
-    """The cache key of a finished stage output: what later stages hash instead of re-reading it."""
+    """What later stages hash instead of re-reading a finished output: its cache key plus the id of the
+    build that wrote it, so a rebuilt output (deleted, or forced) re-runs everything after it too."""
     manifest = read_manifest(Path(directory))
-    return manifest.get("key") if manifest else None
+    if not manifest:
+        return None
+    return f"{manifest.get('key')}.{manifest['build']}" if manifest.get("build") else manifest.get("key")
 
 
 def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Path], settings: dict[str, Any],
@@ -173,7 +176,8 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
         if lock is not None:
             (tmp / ".lock").unlink(missing_ok=True)  # the open handle keeps the lock until we are done
         manifest = {
-            "stage": stage, "key": key, "code_version": code_version, "settings": settings,
+            "stage": stage, "key": key, "build": uuid.uuid4().hex, "code_version": code_version,
+            "settings": settings,
             "inputs": hashed, "outputs": _list_outputs(tmp), "facts": facts,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.monotonic() - started, 3),

@@ -36,8 +36,12 @@ def _dir_key(path: Path, what: str) -> str:
 
 def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
           init_adapter: str | Path | None = None, resume: bool = True, force: bool = False,
-          on_metrics=None, progress: bool | None = None) -> StageResult:
-    """Train a LoRA adapter into `out` (skipped when up to date; resumed when interrupted)."""
+          on_metrics=None, progress: bool | None = None, warm_start: bool = False) -> StageResult:
+    """Train a LoRA adapter into `out` (skipped when up to date; resumed when interrupted).
+
+    warm_start: when `out` already holds an adapter from an earlier run and something changed (new
+    data, say), start from that adapter. Unlike init_adapter, the earlier adapter is not part of the
+    cache key, so an unchanged rerun still skips."""
     from jora_model.adapter import adapter_dir
     from jora_model.trainer import TrainSettings, run_training
 
@@ -53,17 +57,44 @@ def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
         upstream["init_adapter"] = hashlib.sha256((adapter_in / "adapter.safetensors").read_bytes()).hexdigest()
 
     def build(work: Path) -> dict:
-        if not resume:
-            import shutil
+        import shutil
 
+        if not resume:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        result = run_training(model, data, work, settings, base_hash=upstream["model"], init_adapter=adapter_in,
+        start_from, facts = adapter_in, {}
+        previous = out / "adapter"
+        if warm_start and start_from is None and ((work / "warm-start") / "adapter.json").is_file():
+            start_from = work / "warm-start"  # a resumed warm-started run: the copy made the first time
+        elif warm_start and start_from is None and _compatible(previous, settings.lora):
+            shutil.copytree(previous, work / "warm-start")  # `out` is replaced when this run finishes
+            start_from = work / "warm-start"
+        if start_from is not None and warm_start:
+            facts["warm_started_from"] = hashlib.sha256((start_from / "adapter.safetensors").read_bytes()).hexdigest()
+            log.info("train: warm start from the previous adapter (%s)", facts["warm_started_from"][:12])
+        result = run_training(model, data, work, settings, base_hash=upstream["model"], init_adapter=start_from,
                               on_metrics=on_metrics, progress=progress)
-        return {"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
+        shutil.rmtree(work / "warm-start", ignore_errors=True)
+        return {**facts, "steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
                 "resumed_from": result.resumed_from}
 
-    return run_stage("train", CODE_VERSION, out, {}, settings.to_dict(), build, force=force, upstream=upstream,
+    key_settings = {**settings.to_dict(), **({"warm_start": True} if warm_start else {})}
+    return run_stage("train", CODE_VERSION, out, {}, key_settings, build, force=force, upstream=upstream,
                      resumable=True)
+
+
+def _compatible(previous: Path, lora) -> bool:
+    """Whether an earlier adapter can seed this run (same rank and targets); says why not."""
+    import json
+
+    try:
+        earlier = json.loads((previous / "adapter.json").read_text())["lora"]
+    except (OSError, ValueError, KeyError):
+        return False
+    if earlier.get("r") != lora.r or tuple(earlier.get("targets", ())) != lora.targets:
+        log.info("train: not warm-starting: the previous adapter has r=%s, targets %s", earlier.get("r"),
+                 ",".join(earlier.get("targets", ())))
+        return False
+    return True
 
 
 def _targets(ctx, param, value: str) -> tuple[str, ...]:

@@ -49,7 +49,8 @@ def test_train_writes_everything_and_skips_when_done(inputs, tmp_path):
     assert ["eval_loss" in r for r in records] == [False, False, True, False, False, True]
     assert all(r["eval_perplexity"] > 1 for r in records if "eval_loss" in r)
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
-    assert meta["lora"]["r"] == 4 and meta["base_hash"] == json.loads((store / "jora-manifest.json").read_text())["key"]
+    store_manifest = json.loads((store / "jora-manifest.json").read_text())
+    assert meta["lora"]["r"] == 4 and meta["base_hash"] == f"{store_manifest['key']}.{store_manifest['build']}"
     started = time.monotonic()
     second = subprocess.run(_train(store, data, out), capture_output=True, text=True)
     assert second.returncode == 0 and "skipped" in second.stdout and time.monotonic() - started < 5
@@ -79,6 +80,33 @@ def test_kill_and_resume_gives_a_bitwise_identical_adapter(inputs, tmp_path):
         (reference / "adapter" / "adapter.safetensors").read_bytes()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # no duplicated lines from the killed run
+
+
+def test_sigterm_stops_at_the_next_step_with_a_resumable_checkpoint(inputs, tmp_path):
+    """What a cancelled Prefect run does: SIGTERM; training stops after the step in flight, writes a
+    checkpoint there, and the same command resumes to the uninterrupted result."""
+    root, store, data = inputs
+    reference = tmp_path / "reference"
+    assert subprocess.run(_train(store, data, reference, "--checkpoint-every", "50"),
+                          capture_output=True).returncode == 0
+    out = tmp_path / "cancelled"
+    process = subprocess.Popen(_train(store, data, out, "--checkpoint-every", "50"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    metrics = None
+    while not (metrics and metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert process.poll() is None and time.monotonic() < deadline
+        found = list(tmp_path.glob(".cancelled.work-*/metrics.jsonl"))
+        metrics = found[0] if found else None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2 and "stopped by SIGTERM at step" in stderr, stderr
+    assert list(metrics.parent.glob("checkpoints/ckpt-*"))
+    resumed = subprocess.run(_train(store, data, out, "--checkpoint-every", "50"), capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resuming from step" in resumed.stderr
+    assert (out / "adapter" / "adapter.safetensors").read_bytes() == \
+        (reference / "adapter" / "adapter.safetensors").read_bytes()
 
 
 def test_warm_start_from_an_earlier_adapter(inputs, tmp_path, tokenizer_model):

@@ -1,0 +1,219 @@
+"""The Prefect flow `finetune`: convert -> tokenize -> train -> merge -> export (+ export-adapter).
+
+Tasks pass paths, never arrays. Whether a stage runs is decided by the stage's own manifest (a content
+hash of its inputs, settings and code version), not by Prefect's cache, which sees neither file
+contents nor deleted outputs; every task therefore has caching off, and logs "skipped" when its stage
+was up to date. The train task publishes the loss curve and final metrics as artifacts.
+"""
+
+
+import os
+
+# Nothing leaves the machine: set before Prefect is imported (a user's own settings win).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "jora")
+
+import base64  # noqa: E402
+import fcntl  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from jora_model.errors import JoraError  # noqa: E402
+from pipeline.settings import FinetuneSettings  # noqa: E402
+
+LOCK = ".jora-run.lock"
+
+
+def _log(result) -> dict[str, Any]:
+    logger = get_run_logger()
+    if result.skipped:
+        logger.info("%s: skipped, %s is up to date (key %s)", result.stage, result.out_dir, result.key[:12])
+    else:
+        logger.info("%s: ran, wrote %s", result.stage, result.out_dir)
+    return {"path": str(result.out_dir), "skipped": result.skipped, "key": result.key}
+
+
+@task(name="convert", cache_policy=NO_CACHE)
+def convert_task(checkpoint: str, out: str, dtype: str, tokenizer: str | None) -> dict[str, Any]:
+    from stages.convert import ConvertSettings, convert
+
+    return _log(convert(checkpoint, out, ConvertSettings(dtype=dtype, tokenizer=tokenizer), progress=False))
+
+
+@task(name="tokenize", cache_policy=NO_CACHE)
+def tokenize_task(data: str, out: str, tokenizer: str, settings: dict[str, Any]) -> dict[str, Any]:
+    from stages.tokenize import TokenizeSettings, tokenize
+
+    return _log(tokenize(data, out, tokenizer, TokenizeSettings(**settings)))
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(model: str, data: str, out: str, settings: FinetuneSettings) -> dict[str, Any]:
+    from stages.train import train
+
+    result = train(model, data, out, train_settings(settings), warm_start=settings.train.warm_start,
+                   progress=False)
+    summary = _log(result)
+    _publish_training(Path(result.out_dir), result.manifest.get("facts", {}))
+    return summary
+
+
+@task(name="merge", cache_policy=NO_CACHE)
+def merge_task(model: str, adapter: str, out: str) -> dict[str, Any]:
+    from stages.merge import merge
+
+    return _log(merge(model, adapter, out, progress=False))
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def export_task(model: str, out: str, dtype: str, verify: bool, max_shard_mb: int) -> dict[str, Any]:
+    from stages.export import export
+
+    return _log(export(model, out, dtype=dtype, verify=verify, max_shard_bytes=max_shard_mb * 1024 ** 2))
+
+
+@task(name="export-adapter", cache_policy=NO_CACHE)
+def export_adapter_task(model: str, adapter: str, out: str, verify: bool) -> dict[str, Any]:
+    from stages.export import export_adapter
+
+    return _log(export_adapter(model, adapter, out, verify))
+
+
+def train_settings(settings: FinetuneSettings):
+    from jora_model.lora import LoraSettings
+    from jora_model.trainer import TrainSettings
+
+    t, lora = settings.train, settings.lora
+    return TrainSettings(
+        lora=LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets),
+                          rslora=lora.rslora),
+        lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum, max_seq_len=settings.data.max_seq_len,
+        epochs=t.epochs, max_steps=t.max_steps, seed=t.seed, eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, mesh=t.mesh,
+        compute_dtype=t.compute_dtype, remat=t.remat, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm)
+
+
+def _publish_training(out: Path, facts: dict[str, Any]) -> None:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [{k: r[k] for k in ("step", "loss", "eval_loss", "eval_perplexity") if k in r}
+             for r in records if "eval_loss" in r]
+    create_table_artifact(key="train-evaluations", table=evals or [{"step": 0}],
+                          description="Evaluation loss by step")
+    picture = base64.b64encode((out / "loss.png").read_bytes()).decode() if (out / "loss.png").is_file() else ""
+    lines = ["# Training", "", f"- steps: {facts.get('steps')}", f"- final train loss: {facts.get('final_loss')}",
+             f"- final eval loss: {facts.get('eval_loss')}", f"- resumed from step: {facts.get('resumed_from')}",
+             f"- adapter: `{out / 'adapter'}`"]
+    if picture:
+        lines += ["", f"![loss curve](data:image/png;base64,{picture})"]
+    create_markdown_artifact(key="train-summary", markdown="\n".join(lines), description="Loss curve and metrics")
+
+
+class RunLock:
+    """One pipeline run per work directory at a time: a second one is refused, never interleaved."""
+
+    def __init__(self, workdir: Path):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.path = workdir / LOCK
+        self.handle = open(self.path, "a+")
+
+    def __enter__(self) -> "RunLock":
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise JoraError(f"another jora run ({holder}) is using this work directory; wait for it to end",
+                            self.path.parent) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()}")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter on the base model and data in `settings`, exporting HF and PEFT
+    directories; stages whose inputs did not change are skipped. `overrides` maps dotted names to
+    values (`{"data.path": "/new.json", "train.lr": 2e-4}`), for `prefect deployment run --param`."""
+    if overrides:
+        settings = apply_overrides(settings, overrides)
+    work = Path(settings.workdir)
+    if not settings.model.checkpoint:
+        raise JoraError("settings: model.checkpoint is empty (a Meta or HF checkpoint directory)")
+    if not settings.data.path:
+        raise JoraError("settings: data.path is empty (an Alpaca JSON file)")
+    data = settings.data
+    tokenize_settings = {"max_seq_len": data.max_seq_len, "val_fraction": data.val_fraction, "seed": data.seed,
+                         "pack": data.pack, "strict": data.strict}
+    with RunLock(work):
+        stages: dict[str, Any] = {}
+        stages["convert"] = convert_task(settings.model.checkpoint, str(work / "store"), settings.model.dtype,
+                                         settings.model.tokenizer)
+        store = stages["convert"]["path"]
+        stages["tokenize"] = tokenize_task(data.path, str(work / "tokenized"), store, tokenize_settings)
+        stages["train"] = train_task(store, stages["tokenize"]["path"], str(work / "train"), settings)
+        stages["merge"] = merge_task(store, stages["train"]["path"], str(work / "merged"))
+        stages["export"] = export_task(stages["merge"]["path"], str(work / "hf-model"), settings.export.dtype,
+                                       settings.export.verify, settings.export.max_shard_mb)
+        if settings.export.peft_adapter:
+            stages["export-adapter"] = export_adapter_task(store, stages["train"]["path"],
+                                                           str(work / "peft-adapter"), settings.export.verify)
+        _write_lineage(work, settings, stages)
+    ran = [name for name, s in stages.items() if not s["skipped"]]
+    skipped = [name for name, s in stages.items() if s["skipped"]]
+    create_markdown_artifact(key="finetune-stages", markdown="\n".join(
+        ["# Stages", "", *(f"- **{name}**: {'skipped (up to date)' if s['skipped'] else 'ran'} -> `{s['path']}`"
+                           for name, s in stages.items())]))
+    get_run_logger().info("ran: %s; skipped: %s", ", ".join(ran) or "none", ", ".join(skipped) or "none")
+    return {"stages": stages, "hf_model": stages["export"]["path"],
+            "adapter": str(Path(stages["train"]["path"]) / "adapter"),
+            "peft_adapter": stages.get("export-adapter", {}).get("path")}
+
+
+def apply_overrides(settings: FinetuneSettings, overrides: dict[str, Any]) -> FinetuneSettings:
+    from pydantic import ValidationError
+
+    values = settings.model_dump()
+    for dotted, value in overrides.items():
+        section = values
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[leaf] = value
+    try:
+        return FinetuneSettings.model_validate(values)
+    except ValidationError as exc:
+        raise JoraError(f"bad override: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+
+
+def _write_lineage(work: Path, settings: FinetuneSettings, stages: dict[str, Any]) -> None:
+    """What this run's outputs were made from: data hash, base model, settings, code versions."""
+    from stages.base import file_sha256, read_manifest
+    from stages.convert import CODE_VERSION as convert_version
+    from stages.export import CODE_VERSION as export_version
+    from stages.merge import CODE_VERSION as merge_version
+    from stages.tokenize import CODE_VERSION as tokenize_version
+    from stages.train import CODE_VERSION as train_version
+
+    train_facts = (read_manifest(Path(stages["train"]["path"])) or {}).get("facts", {})
+    lineage = {
+        "data": {"path": settings.data.path, "sha256": file_sha256(Path(settings.data.path))},
+        "base_model": {"checkpoint": settings.model.checkpoint, "store_key": stages["convert"]["key"]},
+        "settings": settings.model_dump(),
+        "code_versions": [convert_version, tokenize_version, train_version, merge_version, export_version],
+        "stage_keys": {name: s["key"] for name, s in stages.items()},
+        "warm_started_from": train_facts.get("warm_started_from"),
+    }
+    (work / "lineage.json").write_text(json.dumps(lineage, indent=1) + "\n")
