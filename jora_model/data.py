@@ -127,6 +127,17 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def max_token_id(self) -> tuple[int, Path | None]:
+        """The largest token id in the split and the file holding it."""
+        import pyarrow.compute as pc
+
+        best, where = -1, None
+        for path, table in zip(self.files, self._tables):
+            values = pc.list_flatten(table.column("input_ids"))
+            if len(values) and pc.max(values).as_py() > best:
+                best, where = pc.max(values).as_py(), path
+        return best, where
+
     def lengths(self) -> np.ndarray:
         return np.concatenate([t.column("length").to_numpy() for t in self._tables]).astype(np.int64)
 

@@ -140,16 +140,12 @@ def _state_shardings(mesh, abstract_state, lora_shardings):
 
 def check_token_ids(directory: Path, vocab_size: int) -> None:
     """Data tokenized for another vocabulary would index past the embedding (JAX clamps silently)."""
-    import pyarrow.compute as pc
-
     from .data import ShardSet
 
-    shards = ShardSet(directory)
-    for path, table in zip(shards.files, shards._tables):
-        values = pc.list_flatten(table.column("input_ids"))
-        if len(values) and pc.max(values).as_py() >= vocab_size:
-            raise JoraError(f"token id {pc.max(values).as_py()} is outside the model's vocabulary of {vocab_size}: "
-                            "the data was tokenized with another model's tokenizer", path)
+    largest, where = ShardSet(directory).max_token_id()
+    if largest >= vocab_size:
+        raise JoraError(f"token id {largest} is outside the model's vocabulary of {vocab_size}: "
+                        "the data was tokenized with another model's tokenizer", where)
 
 
 def _stack(batches: list[Batch], length: int | None = None) -> dict[str, np.ndarray]:

@@ -131,6 +131,18 @@ def output_key(directory: Path) -> str | None:
     return f"{manifest.get('key')}.{manifest['build']}" if manifest.get("build") else manifest.get("key")
 
 
+def upstream_key(path: Path, what: str) -> str:
+    """An input directory's identity for a cache key: the stage key (and build) of a jora output, or for
+    a directory jora did not make, a hash of its index file."""
+    key = output_key(path)
+    if key:
+        return key
+    for index in ("store.json", "stats.json", "adapter.json"):
+        if (Path(path) / index).is_file():
+            return hashlib.sha256((Path(path) / index).read_bytes()).hexdigest()
+    raise JoraError(f"not a jora {what}", path)
+
+
 def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Path], settings: dict[str, Any],
               build: Callable[[Path], dict[str, Any] | None], force: bool = False,
               upstream: dict[str, str] | None = None, resumable: bool = False) -> StageResult:
@@ -146,8 +158,8 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
     previous = _check_ours(out_dir, stage)
     started = time.monotonic()
     hashed = hash_inputs(inputs, previous)
-    for name, upstream_key in (upstream or {}).items():
-        hashed[name] = {"sha256": upstream_key, "upstream": True}
+    for name, identity in (upstream or {}).items():
+        hashed[name] = {"sha256": identity, "upstream": True}
     key = cache_key(stage, code_version, settings, hashed)
     if previous and not force and previous.get("key") == key and _outputs_intact(out_dir, previous):
         log.info("%s: skipped, %s is up to date (key %s)", stage, out_dir, key[:12])

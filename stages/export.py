@@ -16,9 +16,8 @@ import click
 
 from jora_model.errors import JoraError
 
-from .base import StageResult, run_stage
+from .base import StageResult, run_stage, upstream_key
 from .merge import adapter_key
-from .train import _dir_key
 
 CODE_VERSION = "export-1"
 TOLERANCE = 1e-3  # of max|logit|: both sides compute in fp32 on identical weights (observed ~1e-6)
@@ -53,7 +52,7 @@ def export(model: str | Path, out: str | Path, adapter: str | Path | None = None
     if not model.is_dir():
         raise JoraError("parameter store not found", model)
     store_dtype(dtype)
-    upstream = {"model": _dir_key(model, "parameter store")}
+    upstream = {"model": upstream_key(model, "parameter store")}
     adapter_path = None
     if adapter is not None:
         adapter_path = adapter_dir(Path(adapter))
@@ -89,7 +88,7 @@ def export_adapter(model: str | Path, adapter: str | Path, out: str | Path, veri
     if not model.is_dir():
         raise JoraError("parameter store not found", model)
     adapter_path = adapter_dir(Path(adapter))
-    upstream = {"model": _dir_key(model, "parameter store"), "adapter": adapter_key(adapter_path)}
+    upstream = {"model": upstream_key(model, "parameter store"), "adapter": adapter_key(adapter_path)}
 
     def build(tmp: Path) -> dict:
         store = Store(model)

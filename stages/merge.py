@@ -13,8 +13,7 @@ import click
 
 from jora_model.errors import JoraError
 
-from .base import StageResult, run_stage
-from .train import _dir_key
+from .base import StageResult, run_stage, upstream_key
 
 CODE_VERSION = "merge-1"
 
@@ -33,7 +32,7 @@ def merge(model: str | Path, adapter: str | Path, out: str | Path, force: bool =
     if not model.is_dir():
         raise JoraError("parameter store not found", model)
     adapter = adapter_dir(Path(adapter))
-    upstream = {"model": _dir_key(model, "parameter store"), "adapter": adapter_key(adapter)}
+    upstream = {"model": upstream_key(model, "parameter store"), "adapter": adapter_key(adapter)}
 
     def build(tmp: Path) -> dict:
         merge_store(model, adapter, tmp, extra={"merged": {"base": upstream["model"], "adapter": upstream["adapter"]}},

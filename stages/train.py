@@ -17,21 +17,10 @@ import click
 
 from jora_model.errors import JoraError
 
-from .base import StageResult, output_key, run_stage
+from .base import StageResult, run_stage, upstream_key
 
 CODE_VERSION = "train-1"
 log = logging.getLogger("jora")
-
-
-def _dir_key(path: Path, what: str) -> str:
-    """The upstream stage's key, or (for a directory jora did not make) a hash of its index file."""
-    key = output_key(path)
-    if key:
-        return key
-    for index in ("store.json", "stats.json", "adapter.json"):
-        if (path / index).is_file():
-            return hashlib.sha256((path / index).read_bytes()).hexdigest()
-    raise JoraError(f"not a jora {what}", path)
 
 
 def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
@@ -50,7 +39,8 @@ def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
     for path, what in ((model, "parameter store"), (data, "tokenized data directory")):
         if not path.is_dir():
             raise JoraError(f"{what} not found", path)
-    upstream = {"model": _dir_key(model, "parameter store"), "data": _dir_key(data, "tokenized data directory")}
+    upstream = {"model": upstream_key(model, "parameter store"),
+                "data": upstream_key(data, "tokenized data directory")}
     adapter_in = None
     if init_adapter is not None:
         adapter_in = adapter_dir(Path(init_adapter))

@@ -7,15 +7,17 @@ from pathlib import Path
 import pytest
 
 from jora_model.errors import JoraError
+from pydantic import BaseModel
+
 from pipeline.settings import FinetuneSettings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "pipeline" / "finetune.example.yaml"
 
 
 def _fields(model, prefix=""):
-    for name, field in type(model).model_fields.items():
+    for name in type(model).model_fields:
         value = getattr(model, name)
-        if hasattr(value, "model_fields"):
+        if isinstance(value, BaseModel):
             yield from _fields(value, f"{prefix}{name}.")
         else:
             yield f"{prefix}{name}"
