@@ -72,10 +72,19 @@ def _tokenized(records: list[tuple[int, dict]], tokenizer_path: Path, settings: 
         for task in tasks:
             yield from _tokenize_chunk(task)
         return
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
-        for examples in pool.imap(_tokenize_chunk, tasks):  # imap keeps the order: same bytes every run
-            yield from examples
+    # An executor, not multiprocessing.Pool: a worker that dies (out of memory, say) raises here instead
+    # of leaving the parent waiting forever. map keeps the order: the same bytes every run.
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(str(tokenizer_path),)) as pool:
+        try:
+            for examples in pool.map(_tokenize_chunk, tasks):
+                yield from examples
+        except BrokenProcessPool:
+            raise JoraError("a tokenizer worker process died (out of memory?); nothing was written") from None
 
 
 def _histogram(lengths: list[int], max_len: int, bins: int = 8) -> list[dict[str, int]]:

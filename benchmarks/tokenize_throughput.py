@@ -1,0 +1,631 @@
+"""Throughput of `jora tokenize` against the usual Hugging Face way of doing the same work.
+
+Generates (once, cached in --workdir) a deterministic RAG-like Alpaca set: an instruction of 10-30
+words, an `input` of 1-3 retrieved passages of 100-400 words each (empty in about a quarter of the
+records; 2% of the rest get 4-6 passages, long enough to be cut to max_seq_len) and an output of 20-120 words, in English-like text (a few hundred common English words
+plus tens of thousands of made-up words with Zipf frequencies, numbers, punctuation, the odd
+non-ASCII character). It also trains, once, a Llama-like SentencePiece tokenizer on part of that text
+(BPE, byte fallback, unk/bos/eos = 0/1/2, identity normalisation, whitespace kept: Llama's settings,
+via jora_model.tokenizer_training).
+
+Then it times, each in a fresh child process, alternating which goes first from run to run:
+
+* A  `stages.tokenize.tokenize(data, out, tokenizer, TokenizeSettings(max_seq_len=2000), workers=2,
+     force=True)`: read + validate the JSON, tokenize in 2 spawned SentencePiece workers, cut long
+     prompts, split train/val, write Arrow shards and stats.json;
+* B  the usual HF way: `datasets.load_dataset("json", ...)` (into a fresh cache directory, so the
+     JSON -> Arrow conversion is paid every run), `transformers.LlamaTokenizerFast` converted offline
+     from the same tokenizer.model (once, saved as tokenizer.json; needs protobuf), `.map(fn, batched=True, num_proc=2, remove_columns=...)` where fn renders
+     the same Alpaca prompt, tokenizes prompt and response (no special tokens), builds
+     input_ids = [bos] + prompt + response + [eos], labels (-100 over the prompt) and attention_mask,
+     and truncates the prompt's end when the row would pass 2000 tokens; then `save_to_disk`.
+     B does no validation and no train/val split, so it does strictly less work than A.
+* B1 (with --unbatched) the same with batched=False, the form many tutorials show.
+
+Timed: the stage call / from load_dataset to the end of save_to_disk, inside the child, after its
+imports (importing datasets + transformers takes seconds and is not charged to B). Tokens = the
+input_ids written, counted from the output afterwards. Reported: median over --runs of examples/s and
+tokens/s, the ratio A/B, the load average around every run, and a check that A and B wrote the same
+number of examples and nearly the same tokens (identical ids for rows neither of them cut).
+
+    .venv/bin/python benchmarks/tokenize_throughput.py --records 20000 --runs 5 --unbatched --profile --write
+
+--profile adds a breakdown of A's time (SentencePiece / JSON / Arrow / the rest of the Python, plus the
+pickling and worker start-up the 2-worker run adds). --render-only re-renders the section from the
+last run's WORKDIR/results.json (e.g. with new --notes).
+
+Needs `datasets`, and `protobuf` for transformers to convert tokenizer.model (benchmark-only:
+pip install datasets protobuf).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+SECTION = "## Tokenize throughput"
+GEN_VERSION = "rag-2"
+MAX_SEQ_LEN = 2000
+WORKERS = 2
+
+# --- the data set ------------------------------------------------------------------------------
+
+COMMON = """the of and to a in is that for it as was with be by on not he this are or his from at which
+but have an they you were her she there been one all we their has would when if so no will more can its
+what about who them some could him into than time only other new also these two may first then any
+like our over such should very after most made well way years many even because those through where
+much before must back between each under used being same another while last might great since against
+three without both here during still found however every different number part small often large
+system data model information people world state public general process research result results
+national water development government company study group service market health include including
+based local known important level support report between form order across given within several
+example history effect area policy value need program case common power change control design high
+during early long major open real second third following provide provided production period
+language text document source question answer response training learning network method methods
+analysis project product energy city county river school university center century region population
+students percent record records season team league game games album song band film series episode
+published released located building station road line species family genus disease treatment patient
+cells protein temperature pressure surface material structure function test tests sample samples
+""".split()
+SYLLABLES = """ba be bi bo bu ca ce ci co cu da de di do du fa fe fi fo ga ge gi go gu ha he hi ho la le
+li lo lu ma me mi mo mu na ne ni no nu pa pe pi po pu ra re ri ro ru sa se si so su ta te ti to tu va
+ve vi vo za ze zo ar er ir or ur an en in on un al el il ol ul ex ph th st tr pl gr br cr dr str nd nt
+ng ck sh ch qu wh tion ment ness ity ous ive able ing ed ly er est ism ist ure ance ence""".split()
+RARE = ["café", "naïve", "résumé", "façade", "Zürich", "São", "Kraków", "Ångström", "—", "–", "“quoted”",
+        "‘single’", "…", "°C", "±", "µm", "€", "£", "×", "→", "日本", "Москва", "λ", "Δ", "🙂"]
+LEXICON_SIZE = 30000
+
+
+def _lexicon(rng) -> tuple[list[str], "object"]:
+    import numpy as np
+
+    words, seen = list(dict.fromkeys(COMMON)), set(COMMON)
+    while len(words) < LEXICON_SIZE:
+        n = int(rng.choice([1, 2, 2, 3, 3, 3, 4, 4, 5]))
+        w = "".join(SYLLABLES[i] for i in rng.integers(0, len(SYLLABLES), n))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    ranks = np.arange(1, len(words) + 1)
+    p = 1.0 / (ranks + 2.7) ** 1.07  # Zipf-Mandelbrot, as in natural text
+    return words, p / p.sum()
+
+
+class _Writer:
+    """English-ish sentences from the lexicon: capitals, commas, numbers, names, rare characters."""
+
+    def __init__(self, seed: int):
+        import numpy as np
+
+        self.rng = np.random.default_rng(seed)
+        self.words, self.p = _lexicon(self.rng)
+        self.cum = np.cumsum(self.p)
+
+    def sentence(self, n: int) -> str:
+        rng = self.rng
+        idx = self.cum.searchsorted(rng.random(n))
+        idx[idx >= len(self.words)] = len(self.words) - 1
+        extras = rng.random(n)
+        out = []
+        for k, (i, x) in enumerate(zip(idx.tolist(), extras.tolist())):
+            w = self.words[i]
+            if x < 0.02:
+                w = str(int(rng.integers(1, 3000))) if x < 0.012 else f"{rng.random() * 100:.1f}%"
+            elif x < 0.05:
+                w = w.capitalize()  # a name
+            elif x < 0.053:
+                w = RARE[int(rng.integers(0, len(RARE)))]
+            if k == 0:
+                w = w[:1].upper() + w[1:]
+            elif x > 0.93:
+                w += ","
+            elif x > 0.925:
+                w = f"({w})"
+            out.append(w)
+        return " ".join(out) + ("?" if n % 11 == 0 else ".")
+
+    def text(self, words: int) -> str:
+        parts, left = [], words
+        while left > 0:
+            n = min(left, int(self.rng.integers(6, 28)))
+            parts.append(self.sentence(n))
+            left -= n
+        return " ".join(parts)
+
+
+def generate(path: Path, records: int, seed: int = 1234) -> None:
+    w = _Writer(seed)
+    rng = w.rng
+    out = []
+    for i in range(records):
+        instruction = w.text(int(rng.integers(10, 31)))
+        if rng.random() < 0.25:
+            context = ""
+        else:
+            passages = []
+            # 1-3 passages; 2% of records retrieve 4-6, enough to pass max_seq_len and be cut
+            n = int(rng.integers(4, 7)) if rng.random() < 0.02 else int(rng.integers(1, 4))
+            for j in range(n):
+                title = w.sentence(int(rng.integers(2, 7))).rstrip(".?")
+                passages.append(f"[{j + 1}] {title}\n{w.text(int(rng.integers(100, 401)))}")
+            context = "\n\n".join(passages)
+        output = w.text(int(rng.integers(20, 121)))
+        out.append({"instruction": instruction, "input": context, "output": output})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, ensure_ascii=False, indent=1))
+    tmp.rename(path)
+
+
+def ensure_data(workdir: Path, records: int) -> Path:
+    path = workdir / f"alpaca-{GEN_VERSION}-{records}.json"
+    if not path.exists():
+        t = time.monotonic()
+        generate(path, records)
+        print(f"generated {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - t:.1f} s",
+              file=sys.stderr, flush=True)
+    return path
+
+
+def ensure_tokenizer(workdir: Path, data: Path, vocab: int, train_records: int) -> Path:
+    path = workdir / f"tokenizer-{GEN_VERSION}-{vocab}.model"
+    if not path.exists():
+        sys.path.insert(0, str(REPO))
+        from jora_model.tokenizer_training import train_llama_tokenizer
+
+        records = json.loads(data.read_text())[:train_records]
+        texts = [t for r in records for t in (r["instruction"], r["input"], r["output"]) if t]
+        t = time.monotonic()
+        train_llama_tokenizer(texts, path, vocab)
+        print(f"trained {path} in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+    return path
+
+
+# --- the two contenders, each run in a child ---------------------------------------------------
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of its reaped children (both pools join their workers
+    before returning, so the workers' CPU is in here once the timed call is over)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def child_ours(data: Path, out: Path, tokenizer: Path) -> dict:
+    sys.path.insert(0, str(REPO))
+    from stages.tokenize import TokenizeSettings, tokenize
+
+    cpu, t = cpu_seconds(), time.perf_counter()
+    result = tokenize(data, out, tokenizer, TokenizeSettings(max_seq_len=MAX_SEQ_LEN), workers=WORKERS, force=True)
+    seconds, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+    facts = result.manifest["facts"]
+    splits = facts["splits"].values()
+    return {"seconds": seconds, "cpu": cpu, "examples": facts["written"], "tokens": sum(s["tokens"] for s in splits),
+            "cut": facts["cut"]["examples"], "dropped": sum(facts["dropped"].values())}
+
+
+def _hf_tokenizer(tokenizer: Path):
+    """`LlamaTokenizerFast` for the SentencePiece model, offline: converted from the .model once (the
+    conversion needs `protobuf`) and saved beside it as an HF tokenizer directory, which later loads are
+    read from, as from a model repository that ships tokenizer.json."""
+    from transformers import LlamaTokenizerFast
+
+    directory = tokenizer.parent / f"{tokenizer.stem}-hf"
+    if not (directory / "tokenizer.json").exists():
+        directory.mkdir(exist_ok=True)
+        shutil.copyfile(tokenizer, directory / "tokenizer.model")
+        LlamaTokenizerFast.from_pretrained(str(directory), legacy=True).save_pretrained(str(directory))
+    return LlamaTokenizerFast.from_pretrained(str(directory), legacy=True)
+
+
+def child_hf(data: Path, out: Path, tokenizer: Path, batched: bool, cache: Path) -> dict:
+    import datasets
+
+    datasets.disable_progress_bars()
+    tok = _hf_tokenizer(tokenizer)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    with_input, without_input = _templates()
+
+    def prompt_of(instruction: str, context: str) -> str:
+        if context:
+            return with_input.format(instruction=instruction, input=context)
+        return without_input.format(instruction=instruction)
+
+    def row(prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
+        budget = MAX_SEQ_LEN - 2 - len(response)
+        prompt = prompt[:max(budget, 0)]
+        ids = [bos, *prompt, *response, eos]
+        return ids, [-100] * (1 + len(prompt)) + [*response, eos]
+
+    def fn_batched(batch: dict) -> dict:
+        prompts = [prompt_of(i or "", c or "") for i, c in zip(batch["instruction"], batch["input"])]
+        p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        r_ids = tok([o or "" for o in batch["output"]], add_special_tokens=False)["input_ids"]
+        rows = [row(p, r) for p, r in zip(p_ids, r_ids)]
+        return {"input_ids": [ids for ids, _ in rows], "labels": [labels for _, labels in rows],
+                "attention_mask": [[1] * len(ids) for ids, _ in rows]}
+
+    def fn_single(example: dict) -> dict:
+        p = tok(prompt_of(example["instruction"] or "", example["input"] or ""), add_special_tokens=False)["input_ids"]
+        r = tok(example["output"] or "", add_special_tokens=False)["input_ids"]
+        ids, labels = row(p, r)
+        return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+    cpu, t = cpu_seconds(), time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
+    ds = ds.map(fn_batched if batched else fn_single, batched=batched, num_proc=WORKERS,
+                remove_columns=ds.column_names)
+    ds.save_to_disk(str(out))
+    seconds, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+    lengths = [len(x) for x in datasets.load_from_disk(str(out)).with_format("arrow")["input_ids"].to_pylist()]
+    return {"seconds": seconds, "cpu": cpu, "examples": len(lengths), "tokens": sum(lengths),
+            "cut": None, "dropped": None}
+
+
+def _templates() -> tuple[str, str]:
+    sys.path.insert(0, str(REPO))
+    from jora_model.alpaca import TEMPLATES
+
+    return TEMPLATES["alpaca"]
+
+
+def child_profile(data: Path, out: Path, tokenizer: Path) -> dict:
+    """Where A's time goes: the stage with workers=1 (all in this process) under cProfile, split into
+    SentencePiece (the C++ encode calls), reading the JSON, Arrow writing and the rest of the Python;
+    then what the 2-worker run adds: pickling the tasks and results between processes (timed here on
+    the same data, dumps + loads) and starting the spawned workers (ready to take a task)."""
+    import cProfile
+    import multiprocessing
+    import pickle
+    import pstats
+
+    sys.path.insert(0, str(REPO))
+    from stages import tokenize as stage
+    from jora_model.alpaca import read_records
+
+    profile = cProfile.Profile(time.process_time)  # CPU time: other jobs on the machine do not count
+    cpu = cpu_seconds()
+    profile.enable()
+    stage.tokenize(data, out, tokenizer, stage.TokenizeSettings(max_seq_len=MAX_SEQ_LEN), workers=1, force=True)
+    profile.disable()
+    cpu = cpu_seconds() - cpu
+    stats = pstats.Stats(profile).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    total = sum(v[2] for v in stats.values())
+
+    def cum(file_part: str, name: str) -> float:
+        return sum(v[3] for (f, _, n), v in stats.items() if file_part in f and n == name)
+
+    sp = sum(v[2] for (f, _, n), v in stats.items() if "sentencepiece" in f or "sentencepiece" in n)
+    read = cum("alpaca.py", "read_records")
+    arrow = cum("data.py", "add") + cum("data.py", "close")
+    cut = cum("alpaca.py", "_cut")
+
+    records = read_records(data)
+    tasks = [([(i, r) for i, r in enumerate(records)][k:k + stage._CHUNK], MAX_SEQ_LEN, "alpaca")
+             for k in range(0, len(records), stage._CHUNK)]
+    stage._init_worker(str(tokenizer))
+    results = [stage._tokenize_chunk(task) for task in tasks]
+    t = time.process_time()
+    blobs = [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in tasks + results]
+    dumps = time.process_time() - t
+    t = time.process_time()
+    for blob in blobs:
+        pickle.loads(blob)
+    loads = time.process_time() - t
+    t, c = time.perf_counter(), cpu_seconds()
+    with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=stage._init_worker,
+                                                   initargs=(str(tokenizer),)) as pool:
+        pool.map(abs, range(WORKERS), chunksize=1)
+        ready = time.perf_counter() - t
+    start_cpu = cpu_seconds() - c
+    return {"profiled_s": total, "cpu_s": cpu, "sentencepiece_s": sp, "read_json_s": read, "arrow_s": arrow,
+            "cut_s": cut, "other_s": total - sp - read - arrow, "pickle_dumps_s": dumps, "pickle_loads_s": loads,
+            "pickled_mb": sum(map(len, blobs)) / 1e6, "spawn_ready_s": ready, "spawn_cpu_s": start_cpu}
+
+
+def child(args) -> None:
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    if args.child == "P":
+        result = child_profile(Path(args.data), out, Path(args.tokenizer))
+    elif args.child == "A":
+        result = child_ours(Path(args.data), out, Path(args.tokenizer))
+    else:
+        cache = out.parent / f"{out.name}-hfcache"
+        shutil.rmtree(cache, ignore_errors=True)
+        result = child_hf(Path(args.data), out, Path(args.tokenizer), args.child == "B", cache)
+        shutil.rmtree(cache, ignore_errors=True)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(kind: str, data: Path, tokenizer: Path, out: Path, log: Path) -> dict:
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1")
+    load = loadavg()
+    cmd = [sys.executable, __file__, "--child", kind, "--data", str(data), "--tokenizer", str(tokenizer),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} failed (rc {proc.returncode}); see {log}\n{proc.stderr[-3000:]}")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):]) | {"load_before": load}
+
+
+# --- checking that A and B did the same work ---------------------------------------------------
+
+def compare_outputs(a_dir: Path, b_dir: Path) -> dict:
+    """Same ids? A's rows (both splits, by example_id) against B's rows (in record order)."""
+    import datasets
+    import pyarrow as pa
+
+    a: dict[int, list[int]] = {}
+    for split in ("train", "val"):
+        for path in sorted((a_dir / split).glob("part-*.arrow")):
+            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+            for eid, ids in zip(table.column("example_id").to_pylist(), table.column("input_ids").to_pylist()):
+                a[eid] = ids
+    b = datasets.load_from_disk(str(b_dir)).with_format("arrow")["input_ids"].to_pylist()
+    same = differ = 0
+    first_diff = None
+    for eid, ids in a.items():
+        if ids == b[eid]:
+            same += 1
+        else:
+            differ += 1
+            first_diff = first_diff if first_diff is not None else eid
+    long_b = sum(1 for ids in b if len(ids) >= MAX_SEQ_LEN - 1)
+    return {"rows_a": len(a), "rows_b": len(b), "identical": same, "differ": differ, "first_diff": first_diff,
+            "b_rows_at_limit": long_b}
+
+
+def check_tokenizers(tokenizer: Path, data: Path, n: int = 300) -> dict:
+    """Encode the first n records' texts with both tokenizers: the fraction of identical id lists."""
+    sys.path.insert(0, str(REPO))
+    from jora_model.tokenizer import Tokenizer
+
+    ours, hf = Tokenizer(tokenizer), _hf_tokenizer(tokenizer)
+    records = json.loads(data.read_text())[:n]
+    texts = [t for r in records for t in (r["instruction"], r["input"], r["output"]) if t]
+    same = sum(ours.encode(t) == hf(t, add_special_tokens=False)["input_ids"] for t in texts)
+    return {"texts": len(texts), "identical": same, "vocab": ours.vocab_size,
+            "tokens_per_word": sum(len(ours.encode(t)) for t in texts) / sum(len(t.split()) for t in texts)}
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def machine_facts() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    versions = {}
+    for name in ("sentencepiece", "pyarrow", "datasets", "transformers", "tokenizers", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": model.group(1).strip() if model else platform.processor(),
+            "kernel": platform.release(), "python": platform.python_version(), **versions}
+
+
+NAMES = {"A": "A: `jora tokenize` (stages.tokenize, 2 workers)",
+         "B": "B: `datasets.map(batched=True, num_proc=2)` + LlamaTokenizerFast",
+         "B1": "B1: `datasets.map(batched=False, num_proc=2)` + LlamaTokenizerFast"}
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for kind, rs in runs.items():
+        out[kind] = {
+            "seconds": statistics.median(r["seconds"] for r in rs),
+            "ex_s": statistics.median(r["examples"] / r["seconds"] for r in rs),
+            "tok_s": statistics.median(r["tokens"] / r["seconds"] for r in rs),
+            "cpu": statistics.median(r["cpu"] for r in rs),
+            "tok_cpu_s": statistics.median(r["tokens"] / r["cpu"] for r in rs),
+            "examples": rs[0]["examples"], "tokens": rs[0]["tokens"],
+            "all_seconds": [round(r["seconds"], 2) for r in rs],
+        }
+    return out
+
+
+def render(summary: dict, runs: dict, facts: dict, meta: dict) -> str:
+    a = summary["A"]
+    lines = [
+        SECTION, "",
+        f"Measured {meta['started']} with", "", "```", meta["command"], "```", "",
+        f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), Linux {facts['kernel']}, Python {facts['python']}, "
+        f"sentencepiece {facts['sentencepiece']}, pyarrow {facts['pyarrow']}, datasets {facts['datasets']}, "
+        f"transformers {facts['transformers']}, tokenizers {facts['tokenizers']}. Shared, noisy machine: the "
+        f"runs alternate A and B (the order flips every run) and medians of {meta['runs']} runs are quoted. "
+        f"Load average (1/5/15 min) {meta['load_start']} at start, {meta['load_end']} at the end; before "
+        "each run: " + "; ".join(f"{k} " + ", ".join(r["load_before"].split()[0] for r in rs)
+                                  for k, rs in runs.items()) + " (1 min).", "",
+        f"Data: {meta['records']} generated RAG-like Alpaca records ({meta['data_mb']:.1f} MB of JSON; "
+        "instruction 10-30 words, input 1-3 retrieved passages of 100-400 words each (4-6 in 2%, "
+        f"so that some prompts must be cut) or empty in ~25%, output 20-120 words). Tokenizer: SentencePiece BPE trained on the first {meta['train_records']} "
+        f"records with Llama's settings (byte fallback, unk/bos/eos 0/1/2, identity normalisation), "
+        f"{meta['tok']['vocab']} pieces, {meta['tok']['tokens_per_word']:.2f} tokens per word; "
+        f"`LlamaTokenizerFast.from_pretrained(dir, legacy=True)` converted offline from the same file encodes "
+        f"{meta['tok']['identical']}/{meta['tok']['texts']} sample texts to identical ids. max_seq_len "
+        f"{MAX_SEQ_LEN}, {WORKERS} worker processes on both sides.", "",
+        "A = `stages.tokenize.tokenize(..., TokenizeSettings(max_seq_len=2000), workers=2, force=True)`: "
+        "JSON -> validated records -> SentencePiece in 2 spawned workers -> prompt cutting -> train/val "
+        "Arrow shards + stats.json. B = `load_dataset(\"json\")` (fresh cache dir each run) -> "
+        "`.map(fn, num_proc=2, remove_columns=...)` (fn: same Alpaca prompt, prompt and response "
+        "tokenized without special tokens, `[bos]+prompt+response+[eos]`, labels -100 over the prompt, "
+        "attention_mask, the prompt's end truncated to fit) -> `save_to_disk`; no validation and no "
+        "train/val split. Both timed end to end from the JSON file to Arrow on disk, in a fresh child "
+        "process, after imports. Tokens = input_ids written. CPU s = user + system time of the child and "
+        "its worker processes over the timed call (getrusage): less sensitive than wall time to the other "
+        "jobs on a shared machine, and on 2 cores wall time cannot drop below half of it.", "",
+        "| | median s | examples/s | tokens/s | runs (s) | CPU s (all processes) | tokens per CPU s |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for kind, s in summary.items():
+        lines.append(f"| {NAMES[kind]} | {s['seconds']:.2f} | {s['ex_s']:,.0f} | {s['tok_s']:,.0f} "
+                     f"| {', '.join(str(x) for x in s['all_seconds'])} | {s['cpu']:.1f} | {s['tok_cpu_s']:,.0f} |")
+    lines.append("")
+    for kind in summary:
+        if kind != "A":
+            s = summary[kind]
+            lines.append(f"A / {kind}: {a['ex_s'] / s['ex_s']:.2f}x examples/s, {a['tok_s'] / s['tok_s']:.2f}x "
+                         f"tokens/s (goal: at least 2x); {s['cpu'] / a['cpu']:.2f}x less CPU time.")
+    c = meta["compare"]
+    b = summary["B"]
+    lines += ["",
+              f"Same work: A wrote {a['examples']} examples / {a['tokens']:,} tokens ({meta['a_cut']} prompts cut, "
+              f"{meta['a_dropped']} dropped), B {b['examples']} / {b['tokens']:,} "
+              f"({100 * (b['tokens'] - a['tokens']) / a['tokens']:+.3f}% tokens); {c['identical']} of "
+              f"{c['rows_a']} rows have identical input_ids in A and B, {c['differ']} differ (rows whose "
+              "prompt was cut: A cuts the retrieved context at a piece boundary and re-encodes, B truncates "
+              "the prompt's token list, dropping the template's tail).", ""]
+    p = meta.get("profile")
+    if p:
+        sp = p["sentencepiece_s"]
+        lines += [
+            f"Where A's time goes (`--profile`: the stage with workers=1, all in one process, under cProfile "
+            f"with a CPU-time clock: {p['profiled_s']:.1f} CPU s profiled, {p['cpu_s']:.1f} CPU s with the profiler's "
+            f"own cost; load {p['load_before'].split()[0]}):", "",
+            "| part | CPU s | share |", "|---|---:|---:|",
+            f"| SentencePiece encode (the C++ `Encode` calls; cutting the {meta['a_cut']} long prompts, `_cut`: "
+            f"offsets + re-encoding the context, takes {p['cut_s']:.2f} s, most of it in here) "
+            f"| {sp:.2f} | {sp / p['profiled_s']:.0%} |",
+            f"| reading + parsing the JSON (`read_records`) | {p['read_json_s']:.2f} "
+            f"| {p['read_json_s'] / p['profiled_s']:.0%} |",
+            f"| Arrow shards (`ShardWriter.add` + `close`) | {p['arrow_s']:.2f} | {p['arrow_s'] / p['profiled_s']:.0%} |",
+            f"| the rest of the Python (prompt rendering, `tokenize_record`'s list -> numpy, stats, input "
+            f"hashing) | {p['other_s']:.2f} | {p['other_s'] / p['profiled_s']:.0%} |", "",
+            f"Added by the 2-worker run: pickling tasks and results between processes "
+            f"({p['pickled_mb']:.0f} MB, the per-record `Example`s with their numpy arrays): "
+            f"{p['pickle_dumps_s']:.2f} s dumps (in the workers) + {p['pickle_loads_s']:.2f} s loads (in the parent); "
+            f"starting the 2 spawned workers (interpreter, numpy, sentencepiece, the model): "
+            f"{p['spawn_ready_s']:.2f} s until both take a task, {p['spawn_cpu_s']:.2f} CPU s.", ""]
+    if meta.get("notes"):
+        lines += [meta["notes"], ""]
+    return "\n".join(lines)
+
+
+def write_section(section: str) -> None:
+    """Replace (or append) this script's section only; the file is re-read right before writing."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text.rstrip("\n") + "\n")
+
+
+def _command(argv: list[str]) -> str:
+    """The command line as run, less the --notes text (which is in the section anyway)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--notes":
+            skip = True
+        elif not arg.startswith("--notes="):
+            kept.append(arg)
+    return shlex.join(kept)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=20000)
+    parser.add_argument("--runs", type=int, default=3, help="runs of each contender; medians are reported")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/jora-tokenize-throughput"))
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--train-records", type=int, default=3000, help="records the tokenizer is trained on")
+    parser.add_argument("--unbatched", action="store_true", help="also time datasets.map(batched=False) (B1)")
+    parser.add_argument("--write", action="store_true", help=f"replace the '{SECTION}' section of {RESULTS}")
+    parser.add_argument("--notes", default="", help="a paragraph appended to the section")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: re-render the section from WORKDIR/results.json (e.g. with new --notes)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also break A's time down (SentencePiece / JSON / Arrow / pickling / worker start)")
+    parser.add_argument("--child", choices=["A", "B", "B1", "P"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    if args.render_only:
+        saved = json.loads((args.workdir.resolve() / "results.json").read_text())
+        meta = saved["meta"] | {"notes": args.notes or saved["meta"].get("notes", ""),
+                                "command": _command(shlex.split(saved["meta"]["command"]))}
+        section = render(saved["summary"], saved["runs"], saved.get("facts") or machine_facts(), meta)
+        print(section)
+        if args.write:
+            write_section(section)
+            print(f"wrote the '{SECTION}' section of {RESULTS}", file=sys.stderr)
+        return
+    command = _command([".venv/bin/python", os.path.relpath(__file__, REPO), *sys.argv[1:]])
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_start = loadavg()
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "logs").mkdir(exist_ok=True)
+    data = ensure_data(workdir, args.records)
+    tokenizer = ensure_tokenizer(workdir, data, args.vocab, args.train_records)
+    tok = check_tokenizers(tokenizer, data)
+    print(f"tokenizers agree on {tok['identical']}/{tok['texts']} texts; vocab {tok['vocab']}, "
+          f"{tok['tokens_per_word']:.2f} tokens/word", file=sys.stderr, flush=True)
+
+    kinds = ["A", "B"] + (["B1"] if args.unbatched else [])
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    for i in range(args.runs):
+        order = kinds if i % 2 == 0 else kinds[::-1]
+        for kind in order:
+            r = run_child(kind, data, tokenizer, workdir / f"out-{kind}", workdir / "logs" / f"{kind}-{i}.log")
+            runs[kind].append(r)
+            print(f"run {i} {kind}: {r['seconds']:.2f} s ({r['cpu']:.1f} CPU s), "
+                  f"{r['examples'] / r['seconds']:,.0f} ex/s, "
+                  f"{r['tokens'] / r['seconds']:,.0f} tok/s (load before {r['load_before']})",
+                  file=sys.stderr, flush=True)
+    load_end = loadavg()
+    profile = None
+    if args.profile:
+        profile = run_child("P", data, tokenizer, workdir / "out-P", workdir / "logs" / "P.log")
+        print(f"profile: {profile}", file=sys.stderr, flush=True)
+    summary = summarize(runs)
+    compare = compare_outputs(workdir / "out-A", workdir / "out-B")
+    meta = {"started": started, "command": command, "runs": args.runs, "load_start": load_start,
+            "load_end": load_end, "records": args.records, "data_mb": data.stat().st_size / 1e6,
+            "train_records": args.train_records, "tok": tok, "compare": compare,
+            "a_cut": runs["A"][0]["cut"], "a_dropped": runs["A"][0]["dropped"], "notes": args.notes,
+            "profile": profile,
+            "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest()[:16]}
+    facts = machine_facts()
+    section = render(summary, runs, facts, meta)
+    (workdir / "results.json").write_text(json.dumps({"runs": runs, "summary": summary, "meta": meta,
+                                                      "facts": facts}, indent=1))
+    print(section)
+    print(json.dumps({"summary": summary, "compare": compare}, indent=1), file=sys.stderr)
+    if args.write:
+        write_section(section)
+        print(f"wrote the '{SECTION}' section of {RESULTS}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
