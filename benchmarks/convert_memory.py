@@ -44,8 +44,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from _report import RESULTS, loadavg, write_section  # noqa: E402  (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION = "## Conversion peak memory"
 MIB = 1024 ** 2
 
@@ -344,9 +345,6 @@ def machine_facts() -> dict:
     }
 
 
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
 
 def render(rows: list[dict], baselines: dict, facts: dict, command: str, started: str, load_start: str,
            load_before: str, load_after: str, reps: int) -> str:
@@ -421,14 +419,6 @@ def interpretation(rows: list[dict], baselines: dict) -> str:
     return text
 
 
-def write_section(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +501,7 @@ def main() -> None:
     print(f"(this harness's own peak RSS: {own / 1024:.0f} MiB; it is folded into every child's ru_maxrss "
           "only where it is higher than the child's own)", file=sys.stderr)
     if args.write:
-        write_section(section)
+        write_section(SECTION, section)
         print(f"wrote the '{SECTION}' section of {RESULTS}", file=sys.stderr)
 
 

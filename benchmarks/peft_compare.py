@@ -56,8 +56,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from _report import RESULTS, loadavg, write_section  # noqa: E402  (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION = "## Training speed and memory vs PEFT"
 MIB = 1024 ** 2
 
@@ -165,9 +166,6 @@ def peft_child(spec: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Harness (standard library only)
 # ---------------------------------------------------------------------------------------------
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def load1() -> float:
@@ -423,14 +421,6 @@ def render(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 def finish(meta: dict, results: list[dict], out: Path, write: bool) -> None:
@@ -440,7 +430,7 @@ def finish(meta: dict, results: list[dict], out: Path, write: bool) -> None:
     section = render(meta, rows)
     print(section)
     if write:
-        write_section(section)
+        write_section(SECTION, section)
         print(f"wrote the '{SECTION}' section of {RESULTS}", file=sys.stderr)
 
 

@@ -56,8 +56,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from _report import RESULTS, loadavg, write_section  # noqa: E402  (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION = "## Tokenize throughput"
 GEN_VERSION = "rag-2"
 MAX_SEQ_LEN = 2000
@@ -288,9 +289,11 @@ def child_profile(data: Path, out: Path, tokenizer: Path) -> dict:
     """Where A's time goes: the stage with workers=1 (all in this process) under cProfile, split into
     SentencePiece (the C++ encode calls), reading the JSON, Arrow writing and the rest of the Python;
     then what the 2-worker run adds: pickling the tasks and results between processes (timed here on
-    the same data, dumps + loads) and starting the spawned workers (ready to take a task)."""
+    the same data: the dumps only, since timing the loads would mean unpickling) and starting the spawned
+    workers (ready to take a task)."""
     import cProfile
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
     import pickle
     import pstats
 
@@ -323,18 +326,15 @@ def child_profile(data: Path, out: Path, tokenizer: Path) -> dict:
     t = time.process_time()
     blobs = [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in tasks + results]
     dumps = time.process_time() - t
-    t = time.process_time()
-    for blob in blobs:
-        pickle.loads(blob)
-    loads = time.process_time() - t
     t, c = time.perf_counter(), cpu_seconds()
-    with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=stage._init_worker,
-                                                   initargs=(str(tokenizer),)) as pool:
-        pool.map(abs, range(WORKERS), chunksize=1)
+    # the same executor the stage uses
+    with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=stage._init_worker, initargs=(str(tokenizer),)) as pool:
+        list(pool.map(abs, range(WORKERS)))
         ready = time.perf_counter() - t
     start_cpu = cpu_seconds() - c
     return {"profiled_s": total, "cpu_s": cpu, "sentencepiece_s": sp, "read_json_s": read, "arrow_s": arrow,
-            "cut_s": cut, "other_s": total - sp - read - arrow, "pickle_dumps_s": dumps, "pickle_loads_s": loads,
+            "cut_s": cut, "other_s": total - sp - read - arrow, "pickle_dumps_s": dumps,
             "pickled_mb": sum(map(len, blobs)) / 1e6, "spawn_ready_s": ready, "spawn_cpu_s": start_cpu}
 
 
@@ -408,9 +408,6 @@ def check_tokenizers(tokenizer: Path, data: Path, n: int = 300) -> dict:
 
 
 # --- reporting ----------------------------------------------------------------------------------
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def machine_facts() -> dict:
@@ -515,7 +512,9 @@ def render(summary: dict, runs: dict, facts: dict, meta: dict) -> str:
             f"hashing) | {p['other_s']:.2f} | {p['other_s'] / p['profiled_s']:.0%} |", "",
             f"Added by the 2-worker run: pickling tasks and results between processes "
             f"({p['pickled_mb']:.0f} MB, the per-record `Example`s with their numpy arrays): "
-            f"{p['pickle_dumps_s']:.2f} s dumps (in the workers) + {p['pickle_loads_s']:.2f} s loads (in the parent); "
+            f"{p['pickle_dumps_s']:.2f} s dumps (in the workers)"
+            + (f" + {p['pickle_loads_s']:.2f} s loads (in the parent)" if "pickle_loads_s" in p else "")
+            + "; "
             f"starting the 2 spawned workers (interpreter, numpy, sentencepiece, the model): "
             f"{p['spawn_ready_s']:.2f} s until both take a task, {p['spawn_cpu_s']:.2f} CPU s.", ""]
     if meta.get("notes"):
@@ -523,15 +522,6 @@ def render(summary: dict, runs: dict, facts: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str) -> None:
-    """Replace (or append) this script's section only; the file is re-read right before writing."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 def _command(argv: list[str]) -> str:
@@ -577,7 +567,7 @@ def main() -> None:
         section = render(saved["summary"], saved["runs"], saved.get("facts") or machine_facts(), meta)
         print(section)
         if args.write:
-            write_section(section)
+            write_section(SECTION, section)
             print(f"wrote the '{SECTION}' section of {RESULTS}", file=sys.stderr)
         return
     command = _command([".venv/bin/python", os.path.relpath(__file__, REPO), *sys.argv[1:]])
@@ -623,7 +613,7 @@ def main() -> None:
     print(section)
     print(json.dumps({"summary": summary, "compare": compare}, indent=1), file=sys.stderr)
     if args.write:
-        write_section(section)
+        write_section(SECTION, section)
         print(f"wrote the '{SECTION}' section of {RESULTS}", file=sys.stderr)
 
 
