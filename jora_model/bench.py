@@ -88,7 +88,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
 
     from . import sharding
     from .train import OptimizerSettings, make_step_functions
-    from .trainer import _mesh_shape, _state_shardings
+    from .trainer import _mesh_shape
 
     config = preset(settings.preset)
     shape = _mesh_shape(settings.mesh)
@@ -96,13 +96,9 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     mesh = sharding.make_mesh(shape)
     frozen = random_frozen(config, mesh, settings.param_dtype)
     lora = init_lora_params(config, settings.lora, 0)
-    lora_shardings = sharding.tree_shardings(mesh, lora)
     optimizer = OptimizerSettings(total_steps=settings.steps + settings.warmup)
-    probe = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype, settings.remat)
-    abstract = jax.eval_shape(probe.init, lora)
-    fns = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype, settings.remat,
-                              state_shardings=_state_shardings(mesh, abstract, lora_shardings))
-    state = fns.init(jax.device_put(lora, lora_shardings))
+    fns = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype, settings.remat, mesh=mesh)
+    state = fns.init(jax.device_put(lora, fns.state_shardings.lora))
     rng = np.random.default_rng(0)
     shape3 = (settings.grad_accum, settings.batch, settings.seq)
     batch = jax.device_put({

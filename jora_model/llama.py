@@ -242,7 +242,6 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
         segment_ids = jnp.zeros(tokens.shape, jnp.int32)
     if positions is None:
         positions = segment_positions(segment_ids)
-    cdt = jnp.dtype(options.compute_dtype)
     x = Embed(config.vocab_size, config.dim, options)(tokens)
     cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
     mask = attention_mask(segment_ids)

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import LlamaConfig, read_meta_params
+from .config import read_meta_params
 from .errors import JoraError
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")

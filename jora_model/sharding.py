@@ -111,9 +111,21 @@ def param_sharding(mesh, path: str, shape: Sequence[int]):
     return NamedSharding(mesh, partition_spec(axes))
 
 
-def tree_shardings(mesh, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {module: {name: param_sharding(mesh, f"{module}/{name}", value.shape) for name, value in leaves.items()}
-            for module, leaves in params.items()}
+def state_shardings(mesh, abstract_state: Any):
+    """Every leaf of a training state: a leaf under a parameter's path (the adapter, and the optimizer
+    moments that mirror it) follows that parameter's rule; counters and scalars are replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def for_leaf(path, leaf):
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if len(keys) >= 2 and len(leaf.shape) > 0:
+            return param_sharding(mesh, f"{keys[-2]}/{keys[-1]}", leaf.shape)
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(for_leaf, abstract_state)
 
 
 def batch_sharding(mesh):

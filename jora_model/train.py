@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from .config import LlamaConfig
+from . import sharding
 from .llama import ModelOptions, transformed
-from .lora import LoraSettings, merge_params
+from .lora import LoraSettings, merge_params, target_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +79,15 @@ class StepFunctions:
     train_step: Callable  # (state, frozen, batch dict [A, B, T]) -> (state, StepMetrics)
     eval_step: Callable  # (lora, frozen, batch dict [B, T]) -> (nll sum, tokens)
     optimizer: optax.GradientTransformation
+    abstract_state: Any = None  # shapes and dtypes of the TrainState (a checkpoint's template)
+    state_shardings: Any = None  # a TrainState of shardings, when built for a mesh
 
 
 def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: OptimizerSettings,
                         compute_dtype: str = "bfloat16", remat: bool = True, seed: int = 420,
-                        state_shardings: Any = None) -> StepFunctions:
-    """state_shardings: a TrainState of shardings (see trainer.state_shardings); the step keeps the
-    state where it is, and donates the old buffers to the new state."""
+                        mesh: Any = None) -> StepFunctions:
+    """With a mesh, the state is placed by the sharding rules (sharding.state_shardings) and the step
+    keeps it there, donating the old buffers to the new state."""
     options = ModelOptions(compute_dtype=compute_dtype, lora=lora, remat=remat)
     model = transformed(config, options)
     tx = make_optimizer(optimizer)
@@ -124,12 +127,20 @@ def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: Opti
     def init(trainable) -> TrainState:
         return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
 
+    abstract_lora = {module: {"lora_a": jax.ShapeDtypeStruct((layers, fan_in, lora.r), jnp.float32),
+                              "lora_b": jax.ShapeDtypeStruct((layers, lora.r, fan_out), jnp.float32)}
+                     for module, (layers, fan_in, fan_out) in target_specs(config, lora)}
+    abstract_state = jax.eval_shape(init, abstract_lora)
+    state_shardings = None
     jit_kwargs = {}
-    if state_shardings is not None:
+    if mesh is not None:
+        state_shardings = sharding.state_shardings(mesh, abstract_state)
         jit_kwargs["out_shardings"] = (state_shardings, None)
     return StepFunctions(
-        init=jax.jit(init, out_shardings=state_shardings) if state_shardings is not None else jax.jit(init),
+        init=jax.jit(init, out_shardings=state_shardings) if mesh is not None else jax.jit(init),
         train_step=jax.jit(train_step, donate_argnums=(0,), **jit_kwargs),
         eval_step=jax.jit(eval_step),
         optimizer=tx,
+        abstract_state=abstract_state,
+        state_shardings=state_shardings,
     )

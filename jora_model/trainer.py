@@ -121,23 +121,6 @@ def _mesh_shape(spec: str):
     return MeshShape(data=1, model=len(jax.devices()))
 
 
-def _state_shardings(mesh, abstract_state, lora_shardings):
-    """Shardings for every leaf of the TrainState: LoRA leaves and their optimizer moments follow the
-    rules; counters and scalars are replicated."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def for_leaf(path, leaf):
-        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        if len(keys) >= 2 and keys[-2] in lora_shardings and keys[-1] in lora_shardings[keys[-2]]:
-            return lora_shardings[keys[-2]][keys[-1]]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(for_leaf, abstract_state)
-
-
 def check_token_ids(directory: Path, vocab_size: int) -> None:
     """Data tokenized for another vocabulary would index past the embedding (JAX clamps silently)."""
     from .data import ShardSet
@@ -267,22 +250,17 @@ def run_training(store_path: Path, data_dir: Path, work_dir: Path, settings: Tra
     else:
         lora_init = init_lora_params(config, settings.lora, settings.seed)
 
-    lora_shardings = sharding.tree_shardings(mesh, lora_init)
     frozen = load_params(store, lambda path, shape: sharding.param_sharding(mesh, path, shape))
     store.close()
     optimizer = OptimizerSettings(lr=settings.lr, warmup_steps=round(settings.warmup_ratio * total_steps),
                                   total_steps=total_steps, weight_decay=settings.weight_decay,
                                   max_grad_norm=settings.max_grad_norm)
-    probe = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype, settings.remat,
-                                settings.seed)
-    abstract = jax.eval_shape(probe.init, lora_init)
-    state_shardings = _state_shardings(mesh, abstract, lora_shardings)
     fns = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype, settings.remat,
-                              settings.seed, state_shardings)
+                              settings.seed, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
     checkpoints = work_dir / "checkpoints"
-    resumed = latest_checkpoint(checkpoints, abstract, state_shardings)
+    resumed = latest_checkpoint(checkpoints, fns.abstract_state, fns.state_shardings)
     resumed_from = None
     if resumed is not None:
         state, info = resumed
@@ -290,7 +268,7 @@ def run_training(store_path: Path, data_dir: Path, work_dir: Path, settings: Tra
         resumed_from = int(info["step"])
         log.info("train: resuming from step %d (%s)", resumed_from, checkpoints)
     else:
-        state = fns.init(jax.device_put(lora_init, lora_shardings))
+        state = fns.init(jax.device_put(lora_init, fns.state_shardings.lora))
     step = int(state.step)
     metrics_log = MetricsLog(work_dir, step)
 

@@ -134,6 +134,8 @@ def output_key(directory: Path) -> str | None:
 def upstream_key(path: Path, what: str) -> str:
     """An input directory's identity for a cache key: the stage key (and build) of a jora output, or for
     a directory jora did not make, a hash of its index file."""
+    if not Path(path).is_dir():
+        raise JoraError(f"{what} not found", path)
     key = output_key(path)
     if key:
         return key
@@ -141,6 +143,17 @@ def upstream_key(path: Path, what: str) -> str:
         if (Path(path) / index).is_file():
             return hashlib.sha256((Path(path) / index).read_bytes()).hexdigest()
     raise JoraError(f"not a jora {what}", path)
+
+
+def adapter_input(adapter: str | Path) -> tuple[Path, str]:
+    """A trained adapter given as a train output or its adapter/ directory: (the directory holding
+    adapter.json, the hash of its weights and settings for a cache key)."""
+    from jora_model.adapter import adapter_dir
+
+    directory = adapter_dir(Path(adapter))
+    digest = hashlib.sha256((directory / "adapter.safetensors").read_bytes()
+                            + (directory / "adapter.json").read_bytes()).hexdigest()
+    return directory, digest
 
 
 def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Path], settings: dict[str, Any],

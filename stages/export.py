@@ -8,16 +8,12 @@ Inputs: a parameter store, optionally an adapter. Outputs: an HF directory that
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
 import click
 
-from jora_model.errors import JoraError
-
-from .base import StageResult, run_stage, upstream_key
-from .merge import adapter_key
+from .base import StageResult, adapter_input, run_stage, upstream_key
 
 CODE_VERSION = "export-1"
 TOLERANCE = 1e-3  # of max|logit|: both sides compute in fp32 on identical weights (observed ~1e-6)
@@ -43,20 +39,16 @@ def _our_logits(store: Path, dtype: str | None = None, adapter: Path | None = No
 def export(model: str | Path, out: str | Path, adapter: str | Path | None = None, dtype: str = "bf16",
            verify: bool = True, max_shard_bytes: int = 2 * 1024 ** 3, force: bool = False) -> StageResult:
     """Write the store in `model` (with `adapter` merged in, when given) as an HF directory in `out`."""
-    from jora_model.adapter import adapter_dir
     from jora_model.hf_export import compare, hf_logits, write_hf_directory
     from jora_model.merge import merge_store
     from jora_model.store import store_dtype
 
     model, out = Path(model), Path(out)
-    if not model.is_dir():
-        raise JoraError("parameter store not found", model)
     store_dtype(dtype)
     upstream = {"model": upstream_key(model, "parameter store")}
     adapter_path = None
     if adapter is not None:
-        adapter_path = adapter_dir(Path(adapter))
-        upstream["adapter"] = adapter_key(adapter_path)
+        adapter_path, upstream["adapter"] = adapter_input(adapter)
     settings = {"dtype": dtype, "verify": verify, "max_shard_bytes": max_shard_bytes}
 
     def build(tmp: Path) -> dict:
@@ -80,15 +72,12 @@ def export(model: str | Path, out: str | Path, adapter: str | Path | None = None
 def export_adapter(model: str | Path, adapter: str | Path, out: str | Path, verify: bool = True,
                    force: bool = False) -> StageResult:
     """Write `adapter` as a PEFT adapter for the HF export of `model`."""
-    from jora_model.adapter import adapter_dir
     from jora_model.hf_export import compare, hf_logits, write_hf_directory, write_peft_adapter
     from jora_model.store import Store
 
     model, out = Path(model), Path(out)
-    if not model.is_dir():
-        raise JoraError("parameter store not found", model)
-    adapter_path = adapter_dir(Path(adapter))
-    upstream = {"model": upstream_key(model, "parameter store"), "adapter": adapter_key(adapter_path)}
+    adapter_path, adapter_hash = adapter_input(adapter)
+    upstream = {"model": upstream_key(model, "parameter store"), "adapter": adapter_hash}
 
     def build(tmp: Path) -> dict:
         store = Store(model)

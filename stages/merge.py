@@ -6,33 +6,22 @@ parameter store in the base's dtype. Cache key: both upstream keys and CODE_VERS
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import click
 
-from jora_model.errors import JoraError
-
-from .base import StageResult, run_stage, upstream_key
+from .base import StageResult, adapter_input, run_stage, upstream_key
 
 CODE_VERSION = "merge-1"
 
 
-def adapter_key(adapter: Path) -> str:
-    return hashlib.sha256((adapter / "adapter.safetensors").read_bytes()
-                          + (adapter / "adapter.json").read_bytes()).hexdigest()
-
-
 def merge(model: str | Path, adapter: str | Path, out: str | Path, force: bool = False,
           progress: bool | None = None) -> StageResult:
-    from jora_model.adapter import adapter_dir
     from jora_model.merge import merge_store
 
     model, out = Path(model), Path(out)
-    if not model.is_dir():
-        raise JoraError("parameter store not found", model)
-    adapter = adapter_dir(Path(adapter))
-    upstream = {"model": upstream_key(model, "parameter store"), "adapter": adapter_key(adapter)}
+    adapter, adapter_hash = adapter_input(adapter)
+    upstream = {"model": upstream_key(model, "parameter store"), "adapter": adapter_hash}
 
     def build(tmp: Path) -> dict:
         merge_store(model, adapter, tmp, extra={"merged": {"base": upstream["model"], "adapter": upstream["adapter"]}},

@@ -8,16 +8,12 @@ setting and CODE_VERSION. The work directory is kept across kills: the same comm
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 from pathlib import Path
 
 import click
 
-from jora_model.errors import JoraError
-
-from .base import StageResult, run_stage, upstream_key
+from .base import StageResult, adapter_input, run_stage, upstream_key
 
 CODE_VERSION = "train-1"
 log = logging.getLogger("jora")
@@ -31,20 +27,15 @@ def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
     warm_start: when `out` already holds an adapter from an earlier run and something changed (new
     data, say), start from that adapter. Unlike init_adapter, the earlier adapter is not part of the
     cache key, so an unchanged rerun still skips."""
-    from jora_model.adapter import adapter_dir
     from jora_model.trainer import TrainSettings, run_training
 
     settings = settings or TrainSettings()
     model, data, out = Path(model), Path(data), Path(out)
-    for path, what in ((model, "parameter store"), (data, "tokenized data directory")):
-        if not path.is_dir():
-            raise JoraError(f"{what} not found", path)
     upstream = {"model": upstream_key(model, "parameter store"),
                 "data": upstream_key(data, "tokenized data directory")}
     adapter_in = None
     if init_adapter is not None:
-        adapter_in = adapter_dir(Path(init_adapter))
-        upstream["init_adapter"] = hashlib.sha256((adapter_in / "adapter.safetensors").read_bytes()).hexdigest()
+        adapter_in, upstream["init_adapter"] = adapter_input(init_adapter)
 
     def build(work: Path) -> dict:
         import shutil
@@ -59,7 +50,7 @@ def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
             shutil.copytree(previous, work / "warm-start")  # `out` is replaced when this run finishes
             start_from = work / "warm-start"
         if start_from is not None and warm_start:
-            facts["warm_started_from"] = hashlib.sha256((start_from / "adapter.safetensors").read_bytes()).hexdigest()
+            facts["warm_started_from"] = adapter_input(start_from)[1]
             log.info("train: warm start from the previous adapter (%s)", facts["warm_started_from"][:12])
         result = run_training(model, data, work, settings, base_hash=upstream["model"], init_adapter=start_from,
                               on_metrics=on_metrics, progress=progress)

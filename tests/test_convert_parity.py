@@ -10,8 +10,6 @@ Tolerance 1e-4 max abs: logits here are O(1..10) and both sides compute in fp32;
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch

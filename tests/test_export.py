@@ -43,7 +43,7 @@ def setup(tmp_path_factory, tokenizer_model):
     rng = np.random.default_rng(1)
     for leaves in params.values():
         leaves["lora_b"] = rng.normal(0, 0.05, leaves["lora_b"].shape).astype(np.float32)
-    adapter = save_adapter(root / "run" / "adapter", params, lora, config, "base")
+    save_adapter(root / "run" / "adapter", params, lora, config, "base")
     tokens = np.random.default_rng(2).integers(3, 320, size=(1, 20))
     ours = load_model(store, adapter=root / "run").logits(tokens)
     return root, store, root / "run", tokens, ours

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -164,6 +163,8 @@ def test_bad_paths_mesh_and_length(inputs, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(inputs, tmp_path, monkeypatch):
     """The step is made to report NaN from step 4 on (a diverging run); the trainer must stop with one
     line, exit 2, and leave the checkpoints of steps 1-3 to resume from."""
+    import dataclasses
+
     import jax.numpy as jnp
 
     import jora_model.train as train_module
@@ -179,7 +180,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(inputs, tmp_path, mon
                 metrics = metrics._replace(loss=jnp.float32(float("nan")))
             return state, metrics
 
-        return train_module.StepFunctions(fns.init, train_step, fns.eval_step, fns.optimizer)
+        return dataclasses.replace(fns, train_step=train_step)
 
     monkeypatch.setattr(train_module, "make_step_functions", diverging)
     root, store, data = inputs
