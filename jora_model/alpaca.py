@@ -74,11 +74,11 @@ def tokenize_record(tokenizer: Tokenizer, record: dict[str, str], example_id: in
                     template: str = "alpaca") -> Example:
     instruction = record.get("instruction") or ""
     context = record.get("input") or ""
-    response_ids = tokenizer.encode(record.get("output") or "")
+    response_ids = tokenizer.encode_array(record.get("output") or "")
     budget = max_len - 2 - len(response_ids)  # room for the prompt after bos, response and eos
     if budget < 0:
         return Example(example_id, None, None, dropped="response longer than max_seq_len")
-    prompt_ids = tokenizer.encode(render_prompt(instruction, context, template))
+    prompt_ids = tokenizer.encode_array(render_prompt(instruction, context, template))
     full_prompt_len = len(prompt_ids)
     cut_fields: list[str] = []
     # Each pass removes at least the measured excess from the field being cut; re-encoding the whole
@@ -95,15 +95,16 @@ def tokenize_record(tokenizer: Tokenizer, record: dict[str, str], example_id: in
                 cut_fields.append("instruction")
         else:
             return Example(example_id, None, None, dropped="response leaves no room for the prompt template")
-        prompt_ids = tokenizer.encode(render_prompt(instruction, context, template))
-    ids = np.asarray([tokenizer.bos_id, *prompt_ids, *response_ids, tokenizer.eos_id], dtype=np.int32)
+        prompt_ids = tokenizer.encode_array(render_prompt(instruction, context, template))
+    ids = np.concatenate([np.asarray([tokenizer.bos_id], dtype=np.int32), prompt_ids, response_ids,
+                          np.asarray([tokenizer.eos_id], dtype=np.int32)])
     mask = np.zeros(len(ids), dtype=np.bool_)
     mask[1 + len(prompt_ids):] = True
     return Example(example_id, ids, mask, full_prompt_len - len(prompt_ids), tuple(cut_fields))
 
 
 def _cut(tokenizer: Tokenizer, text: str, excess: int) -> str:
-    n = len(tokenizer.encode(text))
+    n = len(tokenizer.encode_array(text))
     cut = text[: tokenizer.cut_point(text, n - excess)]
     return cut if len(cut) < len(text) else text[:-1]  # always make progress
 
