@@ -150,6 +150,20 @@ def server_command(host: str, port: int, ui: bool) -> None:
     sys.exit(start_server(host, port, ui))
 
 
+@cli.command("gui")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              help="where relative paths in the form start and Demo builds its files [default: here].")
+def gui_command(host: str, port: int, workdir: Path) -> None:
+    """A local web page to configure, launch and watch a fine-tune (pip install 'jora[gui]')."""
+    try:
+        from pipeline.gui.app import serve
+    except ModuleNotFoundError as exc:
+        raise JoraError(f"the GUI needs {exc.name}: pip install 'jora[gui]'") from None
+    serve(host, port, workdir)
+
+
 @cli.command("generate")
 @click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="parameter store.")
 @click.option("--adapter", type=click.Path(path_type=Path), default=None, help="a trained adapter.")

@@ -1,0 +1,310 @@
+"""`jora gui`: the form holds every setting with its default, bad settings are reported next to their
+field and launch nothing, and the real page, driven in headless Chromium, runs the bundled demo to the
+end and shows its eval loss and output paths.
+
+The browser test needs Playwright (`pip install 'jora[gui]'`) and a system Chromium (`apt-get install
+chromium`); .ci/run installs both and sets JORA_REQUIRE_BROWSER=1 so that CI fails rather than skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.gui import checks, progress
+from pipeline.gui.form import form_fields, from_form, grouped, to_form
+from pipeline.settings import FinetuneSettings
+
+JORA = Path(sys.executable).with_name("jora")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _dotted(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_form_holds_every_setting_with_its_default():
+    fields = form_fields()
+    defaults = _dotted(FinetuneSettings().model_dump())
+    assert [f.name for f in fields] == list(defaults)
+    shown = dict(zip((f.name for f in fields), to_form(FinetuneSettings(), fields)))
+    for name, value in defaults.items():
+        assert shown[name] == ("" if value is None and name == "model.tokenizer" else value), name
+    assert all(f.help for f in fields), [f.name for f in fields if not f.help]  # the example YAML documents each
+    titles = [title for title, _ in grouped(fields)]
+    assert titles == ["Work directory", "Model", "Data", "LoRA", "Training", "Mesh", "Export"]
+    placed = [f.name for _, members in grouped(fields) for f in members]
+    assert sorted(placed) == sorted(defaults)  # each field in exactly one group
+    assert [f.name for f in dict(grouped(fields))["Mesh"]] == ["train.mesh"]
+
+
+def test_form_round_trip_and_field_errors(tmp_path):
+    fields = form_fields()
+    settings = FinetuneSettings.model_validate({
+        "workdir": str(tmp_path / "w"), "model": {"checkpoint": str(tmp_path / "ck"), "tokenizer": None},
+        "data": {"path": str(tmp_path / "d.json"), "max_seq_len": 256}, "lora": {"targets": ["q_proj", "o_proj"]},
+        "train": {"max_steps": 7, "mesh": "data=1,model=2", "lr": 3e-4}})
+    back, errors = from_form(fields, to_form(settings, fields), tmp_path)
+    assert errors == {} and back == settings
+    values = dict(zip((f.name for f in fields), to_form(settings, fields)))
+    values.update({"train.lr": 0, "train.epochs": 2.5, "data.max_seq_len": None, "model.dtype": "fp16"})
+    back, errors = from_form(fields, list(values.values()), tmp_path)
+    assert back is None
+    assert set(errors) == {"train.lr", "train.epochs", "data.max_seq_len", "model.dtype"}, errors
+    values = dict(zip((f.name for f in fields), to_form(settings, fields)))
+    values.update({"workdir": "rel/work", "data.path": "d.json"})  # relative paths start at the base directory
+    back, _ = from_form(fields, list(values.values()), tmp_path)
+    assert back.workdir == str(tmp_path / "rel" / "work") and back.data.path == str(tmp_path / "d.json")
+
+
+def _hf_checkpoint(directory: Path, tokenizer_model: Path) -> Path:
+    """A Hugging Face Llama directory as transformers writes it (4 query heads, 2 key/value heads)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512).save_pretrained(directory)
+    shutil.copy(tokenizer_model, directory / "tokenizer.model")
+    return directory
+
+
+def test_checks_report_the_field_at_fault(tmp_path, tokenizer_model):
+    checkpoint = _hf_checkpoint(tmp_path / "hf", tokenizer_model)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}]))
+    good = FinetuneSettings.model_validate({"workdir": str(tmp_path / "work"),
+                                            "model": {"checkpoint": str(checkpoint)},
+                                            "data": {"path": str(data), "max_seq_len": 256}})
+
+    def check(devices=1, memory=None, **changes):
+        values = good.model_dump()
+        for dotted, value in changes.items():
+            section, _, key = dotted.partition("__")
+            if key:
+                values[section][key] = value
+            else:
+                values[section] = value
+        return checks.check_settings(FinetuneSettings.model_validate(values), checks.Machine(devices, memory))
+
+    assert check() == {}
+    assert check(devices=2, train__mesh="model=2") == {}  # 2 divides 4 query heads, 2 kv heads, 96, 320
+    assert "does not divide the model's 4 query heads" in check(devices=3, train__mesh="model=3")["train.mesh"]
+    # The shape's fault is named even on a machine without that many devices.
+    assert "does not divide" in check(devices=1, train__mesh="model=3")["train.mesh"]
+    assert "does not divide the model's 2 key/value heads" in check(devices=4, train__mesh="model=4")["train.mesh"]
+    assert "needs 2 devices, but 1 are available" in check(devices=1, train__mesh="model=2")["train.mesh"]
+    assert "multiple of the mesh's data=2" in check(devices=2, train__mesh="data=2", train__batch_size=3)[
+        "train.batch_size"]
+    assert "bad mesh" in check(train__mesh="rows=2")["train.mesh"]
+    assert set(check(data__path=str(tmp_path / "missing.json"))) == {"data.path"}
+    assert set(check(model__checkpoint=str(tmp_path / "nowhere"))) == {"model.checkpoint"}
+    assert "neither Meta's layout" in check(model__checkpoint=str(tmp_path))["model.checkpoint"]
+    assert set(check(model__tokenizer=str(tmp_path / "no.model"))) == {"model.tokenizer"}
+    assert "longer than the model allows (512)" in check(data__max_seq_len=1024)["data.max_seq_len"]
+    (tmp_path / "file").write_text("")
+    assert "not a directory" in check(workdir=str(tmp_path / "file"))["workdir"]
+    assert "does not exist" in check(workdir=str(tmp_path / "no" / "work"))["workdir"]
+
+
+def test_memory_check_follows_the_plan(tmp_path, tokenizer_model):
+    """Launch is refused exactly when jora_model.memory_plan says the step does not fit a device."""
+    from jora_model.config import read_hf_config
+    from jora_model.lora import LoraSettings
+    from jora_model.memory_plan import plan_memory
+    from jora_model.sharding import MeshShape
+
+    checkpoint = _hf_checkpoint(tmp_path / "hf", tokenizer_model)
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    settings = FinetuneSettings.model_validate({"workdir": str(tmp_path / "work"),
+                                                "model": {"checkpoint": str(checkpoint)},
+                                                "data": {"path": str(data), "max_seq_len": 256},
+                                                "train": {"batch_size": 2, "grad_accum": 3, "mesh": "data=2"}})
+    need = plan_memory(read_hf_config(checkpoint / "config.json")[0], seq_len=256, batch_size=2,
+                       mesh=MeshShape(2, 1), lora=LoraSettings(dropout=0.05), grad_accum=3).total_bytes_per_device
+    assert checks.check_settings(settings, checks.Machine(2, need)) == {}
+    short = checks.check_settings(settings, checks.Machine(2, need - 1))
+    assert set(short) == {"train.mesh"} and "does not fit" in short["train.mesh"]
+
+
+def test_stage_events_and_states():
+    assert progress.stage_event("convert: skipped, /w/store is up to date (key 0123456789ab)") == ("convert", "skipped")
+    assert progress.stage_event("12:00:01.5 | INFO | Task run 'export-adapter-0' - export-adapter: ran, wrote /w/p") == (
+        "export-adapter", "ran")
+    assert progress.stage_event("export: wrote /w/hf-model in 3.1 s") == ("export", "ran")
+    assert progress.stage_event("train: resuming from step 20 (/w/.train.work-ab/checkpoints)") is None
+    demo = FinetuneSettings()
+    states = progress.stage_states({"convert": "skipped", "tokenize": "ran"}, active=True, failed=False,
+                                   settings=demo)
+    assert states == {"convert": "skipped", "tokenize": "ran", "train": "running", "merge": "waiting",
+                      "export": "waiting", "export-adapter": "waiting"}
+    failed = progress.stage_states({"convert": "ran"}, active=False, failed=True,
+                                   settings=demo.model_copy(update={"export": demo.export.model_copy(
+                                       update={"peft_adapter": False})}))
+    assert failed["tokenize"] == "failed" and failed["train"] == "waiting" and failed["export-adapter"] == "off"
+    clock = progress.StepClock()
+    assert clock.eta(1, 11, now=100.0) is None  # the first step seen starts the clock (compilation)
+    assert clock.eta(3, 11, now=104.0) == pytest.approx(16.0)  # 2 s a step, 8 steps left
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real page in a real browser
+
+
+def _browser() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return None
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "jora gui exited:\n" + log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("jora gui did not start:\n" + log.read_text()[-3000:])
+
+
+def _field(page, name: str):
+    return page.locator(f"#field-{name.replace('.', '-')}").locator("input, textarea").first
+
+
+def test_gui_runs_the_demo_in_a_browser(tmp_path):
+    chromium = _browser()
+    if chromium is None:
+        message = ("the GUI browser test needs Playwright and a system Chromium: "
+                   "pip install 'jora[gui]' and apt-get install chromium (.ci/run does both)")
+        if os.environ.get("JORA_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import expect, sync_playwright
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "gui.log"
+    with open(log, "w") as log_file:
+        gui = subprocess.Popen([JORA, "gui", "--port", str(port), "--workdir", tmp_path], stdout=log_file,
+                               stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_up(url, gui, log)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(url)
+            work = tmp_path / "jora-demo"
+
+            page.click("#demo-button")
+            expect(_field(page, "workdir")).to_have_value(str(work), timeout=60_000)
+            expect(_field(page, "model.checkpoint")).to_have_value(str(work / "demo-source"))
+
+            # Bad settings: an error next to each field at fault, and nothing launched.
+            _field(page, "data.path").fill(str(tmp_path / "no-such-data.json"))
+            _field(page, "train.mesh").fill("model=3")
+            page.click("#launch-button")
+            expect(page.locator("#error-data-path")).to_contain_text("file not found", timeout=60_000)
+            expect(page.locator("#error-train-mesh")).to_contain_text("does not divide the model's 4 query heads")
+            expect(page.locator("#launch-note")).to_contain_text("Not launched")
+            expect(page.locator("#run-status")).to_contain_text("Idle")
+            # Only the two fields at fault are marked, each directly under its own input.
+            assert page.locator("[id^='error-']:visible").count() == 2
+            for name in ("data-path", "train-mesh"):
+                field, error = (page.locator(f"#{kind}-{name}").bounding_box() for kind in ("field", "error"))
+                assert 0 <= error["y"] - (field["y"] + field["height"]) < 40 and abs(error["x"] - field["x"]) < 40
+            assert not (work / "gui-settings.yaml").exists() and not (work / "store").exists()
+            page.screenshot(path=tmp_path / "gui-errors.png", full_page=True)
+
+            # The demo as Demo fills it: launch, watch, finish.
+            page.click("#demo-button")
+            expect(_field(page, "train.mesh")).to_have_value("", timeout=60_000)
+            expect(_field(page, "data.path")).not_to_have_value(str(tmp_path / "no-such-data.json"))
+            expect(page.locator("#error-train-mesh")).to_be_hidden()
+            page.click("#launch-button")
+            expect(page.locator("#run-status")).to_contain_text("Running", timeout=30_000)
+            steps_seen: set[str] = set()
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                text = page.locator("#run-status").inner_text()
+                if "Finished" in text or "Failed" in text:
+                    break
+                step = page.locator("#train-step").inner_text()
+                if step.startswith("Step"):
+                    steps_seen.add(step.split(",")[0])
+                page.wait_for_timeout(1000)
+            status = page.locator("#run-status").inner_text()
+            assert "Finished" in status, status + "\n" + page.locator("#log-tail textarea").input_value()[-3000:]
+            expect(page.locator("#final-eval-loss textarea, #final-eval-loss input").first).not_to_have_value(
+                "", timeout=10_000)
+
+            eval_text = page.locator("#final-eval-loss").locator("input, textarea").first.input_value()
+            hf_model = page.locator("#out-hf-model").locator("input, textarea").first.input_value()
+            peft = page.locator("#out-peft-adapter").locator("input, textarea").first.input_value()
+            stages_text = page.locator("#stages").inner_text()
+
+            # An instruction to the trained model, answered through jora generate.
+            page.locator("#ask-prompt textarea").fill("How often should the robot batteries be checked?")
+            page.click("#ask-button")
+            expect(page.locator("#ask-answer textarea")).not_to_have_value("", timeout=180_000)
+            answer = page.locator("#ask-answer textarea").input_value()
+            page.screenshot(path=tmp_path / "gui.png", full_page=True)
+            browser.close()
+    finally:
+        gui.send_signal(signal.SIGINT)
+        try:
+            gui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            gui.kill()
+            gui.wait()
+
+    # What the page showed is what the run wrote.
+    facts = json.loads((work / "train" / "jora-manifest.json").read_text())["facts"]
+    metrics = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert float(eval_text) == pytest.approx(facts["eval_loss"], abs=5e-5)
+    assert facts["eval_loss"] == metrics[-1]["eval_loss"]
+    assert Path(hf_model) == work / "hf-model" and (Path(hf_model) / "config.json").is_file()
+    assert Path(peft) == work / "peft-adapter" and (Path(peft) / "adapter_config.json").is_file()
+    for stage in progress.STAGES:
+        assert re.search(rf"^{stage}\s+ran\s", stages_text, re.M), stages_text
+    # Training was watched while it ran: several different steps appeared, and the count was right.
+    settings = FinetuneSettings.model_validate(json.loads(json.dumps(
+        __import__("yaml").safe_load((work / "gui-settings.yaml").read_text()))))
+    total = progress.total_steps(work, settings)
+    assert total == metrics[-1]["step"] == facts["steps"]
+    assert len(steps_seen) >= 2 and all(s.endswith(f"of {total}") for s in steps_seen), steps_seen
+    assert answer and not answer.startswith(("jora generate failed", "No trained")), answer
+    # Nothing left the machine: every request the page made went to the local server.
+    outside = [u for u in requests if not u.startswith((url, "data:", "blob:"))]
+    assert not outside, outside[:5]
