@@ -35,7 +35,7 @@ def save_checkpoint(directory: Path, state: Any, info: dict[str, Any], keep: int
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     step = int(info["step"])
-    final = directory / f"{PREFIX}{step:08d}"
+    final = checkpoint_path(directory, step)
     for stale in directory.glob(f".{PREFIX}*.tmp-*"):  # left by a run killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
@@ -92,7 +92,9 @@ def load_checkpoint(path: Path, template: Any, shardings: Any = None) -> tuple[A
             restored.append(value.astype(leaf.dtype))
     state = jax.tree_util.tree_unflatten(treedef, restored)
     if shardings is not None:
-        state = jax.device_put(state, shardings)
+        from .distributed import place
+
+        state = place(state, shardings)  # each device takes its slice (also across processes)
     return state, info
 
 
@@ -104,3 +106,8 @@ def latest_checkpoint(directory: Path, template: Any, shardings: Any = None) -> 
         except JoraError as exc:
             log.warning("skipping checkpoint %s: %s", path.name, exc)
     return None
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives (processes that did not choose it load it from here)."""
+    return Path(directory) / f"{PREFIX}{step:08d}"

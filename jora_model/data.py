@@ -171,6 +171,7 @@ class Batch:
     loss_mask: np.ndarray  # bool [B, T]: token t is a target
     segment_ids: np.ndarray  # int32 [B, T]: 0 on padding
     example_ids: list[list[int]]  # records in each row
+    tokens: int = 0  # real tokens in the whole batch, the rows other processes read included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,13 +182,19 @@ class ReaderPosition:
 
 
 class BatchReader:
+    """Batches of `batch_size` rows in a seeded order. With `rows`, only those rows of each batch are
+    read and returned (the share of one process in a multi-host run); the padded length still comes
+    from the whole batch, so every process pads to the same length."""
+
     def __init__(self, directory: str | Path, settings: BatchSettings = BatchSettings(),
-                 position: ReaderPosition = ReaderPosition()):
+                 position: ReaderPosition = ReaderPosition(), rows: slice | None = None):
         if settings.batch_size <= 0:
             raise JoraError(f"batch size must be positive, got {settings.batch_size}")
         self.shards = ShardSet(directory)
         self.settings = settings
         self.position = position
+        self.rows = rows if rows is not None else slice(0, settings.batch_size)
+        self._lengths = self.shards.lengths()  # one column: the whole batch's lengths without its tokens
         if self.batches_per_epoch == 0:
             raise JoraError(f"{len(self.shards)} rows cannot fill one batch of {settings.batch_size}", directory)
         if settings.fixed_length is not None:
@@ -214,19 +221,20 @@ class BatchReader:
             order = self.order(epoch)
             b = self.settings.batch_size
             for i in range(start, self.batches_per_epoch):
-                rows = [self.shards.row(int(j)) for j in order[i * b:(i + 1) * b]]
+                indices = order[i * b:(i + 1) * b]
                 self.position = ReaderPosition(epoch, i + 1)
-                yield self._collate(rows)
+                yield self._collate(indices)
             self.position = ReaderPosition(epoch + 1, 0)
 
-    def _collate(self, rows: list[Row]) -> Batch:
+    def _collate(self, indices: np.ndarray) -> Batch:
         s = self.settings
-        longest = max(len(r.input_ids) for r in rows)
-        length = s.fixed_length or -(-longest // s.pad_multiple) * s.pad_multiple
+        lengths = self._lengths[indices]
+        length = s.fixed_length or -(-int(lengths.max()) // s.pad_multiple) * s.pad_multiple
+        rows = [self.shards.row(int(j)) for j in indices[self.rows]]
         ids = np.full((len(rows), length), s.pad_id, np.int32)
         mask = np.zeros((len(rows), length), np.bool_)
         seg = np.zeros((len(rows), length), np.int32)
         for i, r in enumerate(rows):
             n = len(r.input_ids)
             ids[i, :n], mask[i, :n], seg[i, :n] = r.input_ids, r.loss_mask, r.segment_ids
-        return Batch(ids, mask, seg, [r.example_ids for r in rows])
+        return Batch(ids, mask, seg, [r.example_ids for r in rows], int(lengths.sum()))

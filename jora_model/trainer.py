@@ -8,6 +8,10 @@ Everything a run writes lives in one work directory:
     loss.png                     the loss curve, written at the end
 Starting again on the same work directory resumes from the newest checkpoint; the result is
 bitwise identical to a run that was never interrupted.
+
+Several processes (distributed.initialize, before this) train as one: the mesh spans every process's
+devices, each process reads only its own rows of each global batch and its own slices of the frozen
+base, and process 0 alone writes checkpoints, metrics and the adapter into the shared work directory.
 """
 
 from __future__ import annotations
@@ -145,10 +149,13 @@ def _stack(batches: list[Batch], length: int | None = None) -> dict[str, np.ndar
 
 class MetricsLog:
     """metrics.jsonl (truncated back to the resumed step, so a resumed run has no duplicates) and
-    TensorBoard events."""
+    TensorBoard events. Disabled (writes nothing) on every process but the one that writes outputs."""
 
-    def __init__(self, work_dir: Path, resume_step: int):
+    def __init__(self, work_dir: Path, resume_step: int, enabled: bool = True):
         self.path = work_dir / "metrics.jsonl"
+        self.enabled = enabled
+        if not enabled:
+            return
         kept = []
         if self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -165,6 +172,8 @@ class MetricsLog:
         self._tb = SummaryWriter(str(work_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for key, value in record.items():
@@ -172,6 +181,8 @@ class MetricsLog:
                 self._tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         self._tb.close()
 
@@ -205,11 +216,22 @@ def run_training(store_path: Path, data_dir: Path, work_dir: Path, settings: Tra
                  base_hash: str = "", init_adapter: Path | None = None,
                  on_metrics: Callable[[dict[str, Any]], None] | None = None,
                  progress: bool | None = None) -> TrainResult:
-    import jax
+    from . import distributed
+
+    team = distributed.current_team()
+    try:
+        return _run(store_path, data_dir, work_dir, settings, base_hash, init_adapter, on_metrics, progress, team)
+    except BaseException:
+        distributed.mark_failed()  # the peers must not wait at the shutdown barrier for this process
+        raise
+
+
+def _run(store_path, data_dir, work_dir, settings: TrainSettings, base_hash, init_adapter, on_metrics, progress,
+         team) -> TrainResult:
     from tqdm import tqdm
 
-    from . import sharding
-    from .checkpoint import latest_checkpoint, save_checkpoint
+    from . import distributed, sharding
+    from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
     from .store import Store, load_params
     from .train import OptimizerSettings, make_step_functions
 
@@ -227,7 +249,9 @@ def run_training(store_path: Path, data_dir: Path, work_dir: Path, settings: Tra
     mesh = sharding.make_mesh(mesh_shape)
     batch_settings = BatchSettings(batch_size=settings.batch_size, seed=settings.seed,
                                    pad_multiple=settings.pad_multiple)
-    reader = BatchReader(train_dir, batch_settings)
+    # This process's rows of every global batch (all of them on one process): it reads only those.
+    my_rows = distributed.local_rows(sharding.batch_sharding_2d(mesh), (settings.batch_size, 1))
+    reader = BatchReader(train_dir, batch_settings, rows=my_rows)
     longest = int(reader.shards.lengths().max())
     if longest > settings.max_seq_len:
         raise JoraError(f"the data has rows of {longest} tokens, more than max_seq_len {settings.max_seq_len}",
@@ -260,60 +284,79 @@ def run_training(store_path: Path, data_dir: Path, work_dir: Path, settings: Tra
     batch_sharding = sharding.batch_sharding(mesh)
 
     checkpoints = work_dir / "checkpoints"
-    resumed = latest_checkpoint(checkpoints, fns.abstract_state, fns.state_shardings)
+    # Process 0 picks the newest checkpoint that loads and the others load the same one, so every
+    # process resumes from the same step even if one of them sees the shared directory differently.
+    resumed = latest_checkpoint(checkpoints, fns.abstract_state, fns.state_shardings) if team.is_leader else None
+    resume_step = team.broadcast_int(int(resumed[1]["step"]) if resumed is not None else -1,
+                                     "agreeing on the checkpoint to resume from")
+    if resume_step >= 0 and resumed is None:
+        resumed = load_checkpoint(checkpoint_path(checkpoints, resume_step), fns.abstract_state,
+                                  fns.state_shardings)
     resumed_from = None
     if resumed is not None:
         state, info = resumed
         reader.position = ReaderPosition(**info["reader"])
         resumed_from = int(info["step"])
         log.info("train: resuming from step %d (%s)", resumed_from, checkpoints)
+        distributed.set_resume_hint(f" from the checkpoint of step {resumed_from} in {checkpoints}")
     else:
-        state = fns.init(jax.device_put(lora_init, fns.state_shardings.lora))
+        state = fns.init(distributed.place(lora_init, fns.state_shardings.lora))
     step = int(state.step)
-    metrics_log = MetricsLog(work_dir, step)
+    metrics_log = MetricsLog(work_dir, step, enabled=team.is_leader)
 
     def checkpoint() -> None:
-        save_checkpoint(checkpoints, jax.device_get(state),
-                        {"step": step, "reader": dataclasses.asdict(reader.position), "seed": settings.seed,
-                         "total_steps": total_steps}, keep=settings.keep_checkpoints)
+        host_state = distributed.fetch(state)  # every process takes part; process 0 writes
+        if team.is_leader:
+            save_checkpoint(checkpoints, host_state,
+                            {"step": step, "reader": dataclasses.asdict(reader.position), "seed": settings.seed,
+                             "total_steps": total_steps}, keep=settings.keep_checkpoints)
 
     def evaluate() -> dict[str, float] | None:
         if not has_val:
             return None
         eval_bs = settings.eval_batch_size or settings.batch_size
+        eval_sharding = sharding.batch_sharding_2d(mesh)
+        rows_here = distributed.local_rows(eval_sharding, (eval_bs, 1))
         val = BatchReader(val_dir, BatchSettings(batch_size=eval_bs, shuffle=False, drop_last=False,
-                                                 pad_multiple=settings.pad_multiple))
+                                                 pad_multiple=settings.pad_multiple), rows=rows_here)
+        want = rows_here.stop - rows_here.start
         nll = tokens = 0.0
         for i, batch in zip(range(val.batches_per_epoch), val):
             arrays = _stack([batch])
             rows = arrays["input_ids"].shape[1]
-            if rows < eval_bs:  # last short batch: empty rows (segment 0, no targets) keep the shape
-                arrays = {k: np.pad(v, ((0, 0), (0, eval_bs - rows), (0, 0))) for k, v in arrays.items()}
-            placed = jax.device_put({k: v[0] for k, v in arrays.items()}, sharding.batch_sharding_2d(mesh))
+            if rows < want:  # last short batch: empty rows (segment 0, no targets) keep the shape
+                arrays = {k: np.pad(v, ((0, 0), (0, want - rows), (0, 0))) for k, v in arrays.items()}
+            length = arrays["input_ids"].shape[2]
+            placed = {k: distributed.global_batch(v[0], eval_sharding, (eval_bs, length)) for k, v in arrays.items()}
             s, n = fns.eval_step(state.lora, frozen, placed)
             nll, tokens = nll + float(s), tokens + float(n)
         loss = nll / max(tokens, 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": tokens}
 
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc="train",
-               disable=(not progress) if progress is not None else None)
+    hidden = (not progress) if progress is not None else None  # None: tqdm decides (a terminal or not)
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=hidden if team.is_leader else True)
     final_loss = eval_loss = None
     last_good = resumed_from
     iterator = iter(reader)
     stop = _StopOnSignal()
     try:
         while step < total_steps:
-            if stop.requested:  # a cancelled Prefect run or a kill -TERM: stop between steps, resumably
+            # A cancelled Prefect run or a kill -TERM stops between steps, resumably; every process
+            # stops at the same step, even when only one of them got the signal.
+            if team.any(bool(stop.requested), f"checking for a stop request before step {step + 1}"):
                 if last_good != step:
                     checkpoint()
-                raise TrainingInterrupted(f"stopped by {stop.requested} at step {step}; checkpoint kept in "
-                                          f"{checkpoints}: the same command resumes from it")
+                raise TrainingInterrupted(f"stopped by {stop.requested or 'another process'} at step {step}; "
+                                          f"checkpoint kept in {checkpoints}: the same command resumes from it")
             started = time.perf_counter()
             micro = [next(iterator) for _ in range(settings.grad_accum)]
             arrays = _stack(micro)
-            real_tokens = int((arrays["segment_ids"] > 0).sum())
-            state, metrics = fns.train_step(state, frozen, jax.device_put(arrays, batch_sharding))
-            loss = float(metrics.loss)
+            real_tokens = sum(b.tokens for b in micro)  # the whole global batch, other processes' rows too
+            global_shape = (settings.grad_accum, settings.batch_size, arrays["input_ids"].shape[2])
+            with distributed.collective(f"training step {step + 1}"):
+                placed = {k: distributed.global_batch(v, batch_sharding, global_shape) for k, v in arrays.items()}
+                state, metrics = fns.train_step(state, frozen, placed)
+                loss = float(metrics.loss)
             step += 1
             if not math.isfinite(loss):
                 where = f"the last good checkpoint (step {last_good}) is kept in {checkpoints}" if last_good \
@@ -325,7 +368,8 @@ def run_training(store_path: Path, data_dir: Path, work_dir: Path, settings: Tra
                       "epoch": reader.position.epoch}
             final_loss = loss
             if (settings.eval_every and step % settings.eval_every == 0) or step == total_steps:
-                evaluation = evaluate()
+                with distributed.collective(f"evaluating at step {step}"):
+                    evaluation = evaluate()
                 if evaluation:
                     record.update(evaluation)
                     eval_loss = evaluation["eval_loss"]
@@ -335,18 +379,25 @@ def run_training(store_path: Path, data_dir: Path, work_dir: Path, settings: Tra
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update()
             if step % settings.checkpoint_every == 0 or step == total_steps:
-                checkpoint()
+                with distributed.collective(f"saving the checkpoint of step {step}"):
+                    checkpoint()
                 last_good = step
+                distributed.set_resume_hint(f" from the checkpoint of step {step} in {checkpoints}")
     finally:
         stop.restore()
         bar.close()
         metrics_log.close()
 
-    records = MetricsLog.records(metrics_log)
-    if final_loss is None and records:  # resumed at the very end: report what the log holds
-        final_loss = next((r["loss"] for r in reversed(records) if "loss" in r), None)
-        eval_loss = next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None)
-    adapter = save_adapter(work_dir / "adapter", jax.device_get(state.lora), settings.lora, config, base_hash,
-                           {"steps": step, "train_settings": settings.to_dict()})
-    plot_loss(records, work_dir / "loss.png")
+    lora = distributed.fetch(state.lora)
+    adapter = work_dir / "adapter"
+    if team.is_leader:
+        records = MetricsLog.records(metrics_log)
+        if final_loss is None and records:  # resumed at the very end: report what the log holds
+            final_loss = next((r["loss"] for r in reversed(records) if "loss" in r), None)
+            eval_loss = next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None)
+        save_adapter(adapter, lora, settings.lora, config, base_hash,
+                     {"steps": step, "train_settings": settings.to_dict()})
+        plot_loss(records, work_dir / "loss.png")
+    team.barrier("jora: adapter written")  # the others return once the adapter is on disk
     return TrainResult(adapter, step, final_loss, eval_loss, resumed_from)
+

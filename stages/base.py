@@ -119,7 +119,7 @@ def _sweep_partials(out_dir: Path) -> None:
 
 def _list_outputs(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+            if p.is_file() and not p.name.startswith(".lock")}
 
 
 def output_key(directory: Path) -> str | None:
@@ -158,7 +158,7 @@ def adapter_input(adapter: str | Path) -> tuple[Path, str]:
 
 def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Path], settings: dict[str, Any],
               build: Callable[[Path], dict[str, Any] | None], force: bool = False,
-              upstream: dict[str, str] | None = None, resumable: bool = False) -> StageResult:
+              upstream: dict[str, str] | None = None, resumable: bool = False, team: Any = None) -> StageResult:
     """Run `build(tmp_dir)` unless `out_dir` already holds this exact result.
 
     `inputs` maps stable names to files whose contents decide the result; `upstream` maps names to
@@ -166,7 +166,13 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
     must be JSON-serialisable. `build` may return extra facts to record in the manifest.
 
     resumable: the work directory is named by the key (`.OUT.work-KEY`) and survives a failure or a
-    kill, so the next run with the same inputs continues in it (training checkpoints live there)."""
+    kill, so the next run with the same inputs continues in it (training checkpoints live there).
+
+    team: the processes of a multi-host run (jora_model.distributed.Team), all calling this with the
+    same `out_dir` on a shared filesystem and all running `build` together. Process 0 alone clears
+    stale work, writes the manifest and moves the result into place; the others wait for it and
+    return what it wrote. Each process holds its own lock file, so two runs still exclude each other."""
+    leader = team is None or team.is_leader
     out_dir = Path(out_dir).absolute()
     previous = _check_ours(out_dir, stage)
     started = time.monotonic()
@@ -174,32 +180,52 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
     for name, identity in (upstream or {}).items():
         hashed[name] = {"sha256": identity, "upstream": True}
     key = cache_key(stage, code_version, settings, hashed)
-    if previous and not force and previous.get("key") == key and _outputs_intact(out_dir, previous):
+    up_to_date = bool(previous and not force and previous.get("key") == key and _outputs_intact(out_dir, previous))
+    if team is not None and team.several:  # process 0's view decides, so no process trains alone
+        up_to_date = bool(team.broadcast_int(int(up_to_date), "agreeing whether the output is up to date"))
+        previous = read_manifest(out_dir) if up_to_date else previous
+    if up_to_date:
         log.info("%s: skipped, %s is up to date (key %s)", stage, out_dir, key[:12])
         return StageResult(stage, out_dir, True, key, previous)
     if previous and previous.get("key") == key and not force:
         log.info("%s: output files in %s are missing or changed; rebuilding", stage, out_dir)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_partials(out_dir)
+    if leader:
+        _sweep_partials(out_dir)
     if resumable:
         tmp = work_directory(out_dir, key)
-        if force:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for stale in out_dir.parent.glob(f".{out_dir.name}.work-*"):
-            if stale != tmp:
-                log.info("%s: removing %s (made with other inputs or settings)", stage, stale.name)
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(exist_ok=True)
-        lock = _lock(tmp)
+        if leader:
+            if force:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for stale in out_dir.parent.glob(f".{out_dir.name}.work-*"):
+                if stale != tmp:
+                    log.info("%s: removing %s (made with other inputs or settings)", stage, stale.name)
+                    shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(exist_ok=True)
+        if team is not None:
+            team.barrier(f"jora {stage}: work directory ready")
+        lock = _lock(tmp, team)
     else:
+        if team is not None and team.several:
+            raise ValueError("a stage run by several processes must be resumable (a work directory by key)")
         tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         lock = None
     try:
         facts = build(tmp) or {}
         if lock is not None:
-            (tmp / ".lock").unlink(missing_ok=True)  # the open handle keeps the lock until we are done
+            Path(lock.name).unlink(missing_ok=True)  # the open handle keeps the lock until we are done
+        if not leader:
+            team.barrier(f"jora {stage}: built")
+            team.barrier(f"jora {stage}: in place")  # process 0 wrote the manifest and moved it
+            manifest = read_manifest(out_dir)
+            if manifest is None or manifest.get("key") != key:
+                raise JoraError("process 0 did not leave the finished output here (is the directory on a "
+                                "filesystem every process shares?)", out_dir)
+            return StageResult(stage, out_dir, False, key, manifest)
+        if team is not None:
+            team.barrier(f"jora {stage}: built")
         manifest = {
             "stage": stage, "key": key, "build": uuid.uuid4().hex, "code_version": code_version,
             "settings": settings,
@@ -209,8 +235,10 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
         }
         _write_json_durably(tmp / MANIFEST, manifest)
         _move_into_place(tmp, out_dir)
+        if team is not None:
+            team.barrier(f"jora {stage}: in place")
     except OSError as exc:
-        if not resumable or not any(p.name != ".lock" for p in tmp.iterdir()):
+        if leader and (not resumable or not any(not p.name.startswith(".lock") for p in tmp.iterdir())):
             shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise JoraError(f"no space left on the device while writing {stage} output; "
@@ -218,7 +246,7 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
         raise
     except BaseException:
         # A resumable stage keeps its work (checkpoints) for the next run, unless it wrote nothing.
-        if not resumable or not any(p.name != ".lock" for p in tmp.iterdir()):
+        if leader and (not resumable or not any(not p.name.startswith(".lock") for p in tmp.iterdir())):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
@@ -232,11 +260,14 @@ def work_directory(out_dir: Path, key: str) -> Path:
     return Path(out_dir).absolute().parent / f".{Path(out_dir).name}.work-{key[:16]}"
 
 
-def _lock(directory: Path):
-    """An exclusive lock on a work directory: two runs must not write the same checkpoints."""
+def _lock(directory: Path, team: Any = None):
+    """An exclusive lock on a work directory: two runs must not write the same checkpoints. In a
+    multi-host run each process locks its own file (`.lock`, `.lock.1`, ...), so the processes of one
+    run do not refuse each other while a second run is still refused."""
     import fcntl
 
-    handle = open(directory / ".lock", "w")
+    name = ".lock" if team is None or team.process_id == 0 else f".lock.{team.process_id}"
+    handle = open(directory / name, "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

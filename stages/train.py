@@ -4,6 +4,10 @@ Inputs: a parameter store (convert's output), tokenized shards (tokenize's outpu
 adapter to warm-start from. Output: `adapter/` (adapter.safetensors + adapter.json), `metrics.jsonl`,
 `tensorboard/`, `loss.png` and the last checkpoints. Cache key: the upstream outputs' keys, every
 setting and CODE_VERSION. The work directory is kept across kills: the same command resumes.
+
+Multi-host: every process runs the same command with --coordinator/--num-processes/--process-id (or
+under SLURM/Open MPI with several tasks, JAX's own detection) and the same OUT on a shared filesystem.
+The process count is not part of the cache key: the same inputs give the same adapter.
 """
 
 from __future__ import annotations
@@ -21,12 +25,29 @@ log = logging.getLogger("jora")
 
 def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
           init_adapter: str | Path | None = None, resume: bool = True, force: bool = False,
-          on_metrics=None, progress: bool | None = None, warm_start: bool = False) -> StageResult:
+          on_metrics=None, progress: bool | None = None, warm_start: bool = False,
+          distributed=None) -> StageResult:
     """Train a LoRA adapter into `out` (skipped when up to date; resumed when interrupted).
 
     warm_start: when `out` already holds an adapter from an earlier run and something changed (new
     data, say), start from that adapter. Unlike init_adapter, the earlier adapter is not part of the
-    cache key, so an unchanged rerun still skips."""
+    cache key, so an unchanged rerun still skips.
+
+    distributed: a jora_model.distributed.DistributedSettings for a multi-host run; it is started
+    here, before anything touches a device (None: one process, unless SLURM/Open MPI say otherwise)."""
+    from jora_model import distributed as dist
+
+    team = dist.initialize(distributed or dist.DistributedSettings())
+    try:
+        return _train(model, data, out, settings, init_adapter, resume, force, on_metrics, progress, warm_start,
+                      team)
+    except BaseException:
+        dist.mark_failed()  # leave without waiting for peers at JAX's shutdown barrier
+        raise
+
+
+def _train(model, data, out, settings, init_adapter, resume, force, on_metrics, progress, warm_start,
+           team) -> StageResult:
     from jora_model.trainer import TrainSettings, run_training
 
     settings = settings or TrainSettings()
@@ -40,27 +61,30 @@ def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
     def build(work: Path) -> dict:
         import shutil
 
-        if not resume:
+        if not resume and team.is_leader:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
         start_from, facts = adapter_in, {}
         previous = out / "adapter"
         if warm_start and start_from is None and ((work / "warm-start") / "adapter.json").is_file():
             start_from = work / "warm-start"  # a resumed warm-started run: the copy made the first time
         elif warm_start and start_from is None and _compatible(previous, settings.lora):
-            shutil.copytree(previous, work / "warm-start")  # `out` is replaced when this run finishes
+            if team.is_leader:
+                shutil.copytree(previous, work / "warm-start")  # `out` is replaced when this run finishes
             start_from = work / "warm-start"
+        team.barrier("jora train: work prepared")
         if start_from is not None and warm_start:
             facts["warm_started_from"] = adapter_input(start_from)[1]
             log.info("train: warm start from the previous adapter (%s)", facts["warm_started_from"][:12])
         result = run_training(model, data, work, settings, base_hash=upstream["model"], init_adapter=start_from,
                               on_metrics=on_metrics, progress=progress)
-        shutil.rmtree(work / "warm-start", ignore_errors=True)
+        if team.is_leader:
+            shutil.rmtree(work / "warm-start", ignore_errors=True)
         return {**facts, "steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
                 "resumed_from": result.resumed_from}
 
     key_settings = {**settings.to_dict(), **({"warm_start": True} if warm_start else {})}
     return run_stage("train", CODE_VERSION, out, {}, key_settings, build, force=force, upstream=upstream,
-                     resumable=True)
+                     resumable=True, team=team)
 
 
 def _compatible(previous: Path, lora) -> bool:
@@ -115,10 +139,23 @@ def _targets(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--init-adapter", type=click.Path(path_type=Path), default=None,
               help="warm-start from an earlier adapter (same rank and targets).")
 @click.option("--force", is_flag=True, help="retrain even when the output is up to date.")
+@click.option("--coordinator", envvar="JORA_COORDINATOR", default=None, metavar="HOST:PORT",
+              help="multi-host: where process 0 serves JAX's coordination service [env JORA_COORDINATOR].")
+@click.option("--num-processes", envvar="JORA_NUM_PROCESSES", type=click.IntRange(min=1), default=None,
+              help="multi-host: processes in the run, one per host [env JORA_NUM_PROCESSES].")
+@click.option("--process-id", envvar="JORA_PROCESS_ID", type=click.IntRange(min=0), default=None,
+              help="multi-host: this process, 0..N-1; 0 writes the outputs [env JORA_PROCESS_ID].")
+@click.option("--heartbeat-timeout", envvar="JORA_HEARTBEAT_TIMEOUT", type=click.IntRange(min=1), default=100,
+              show_default=True, help="multi-host: seconds without a heartbeat before a process counts as dead.")
 def train_command(model, data, out, lora_r, lora_alpha, lora_dropout, targets, rslora, lr, batch_size, grad_accum,
                   max_seq_len, epochs, max_steps, seed, eval_every, checkpoint_every, keep_checkpoints, mesh,
-                  compute_dtype, remat, warmup_ratio, weight_decay, max_grad_norm, resume, init_adapter, force):
-    """Train a LoRA adapter on the base model in --model with the shards in --data, into OUT."""
+                  compute_dtype, remat, warmup_ratio, weight_decay, max_grad_norm, resume, init_adapter, force,
+                  coordinator, num_processes, process_id, heartbeat_timeout):
+    """Train a LoRA adapter on the base model in --model with the shards in --data, into OUT.
+
+    On several hosts, run this same command on each (same OUT on a shared filesystem) with
+    --coordinator, --num-processes and --process-id; see the README's "Several hosts"."""
+    from jora_model.distributed import DistributedSettings
     from jora_model.lora import LoraSettings
     from jora_model.trainer import TrainSettings
 
@@ -128,7 +165,10 @@ def train_command(model, data, out, lora_r, lora_alpha, lora_dropout, targets, r
         max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, mesh=mesh, compute_dtype=compute_dtype, remat=remat,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-    result = train(model, data, out, settings, init_adapter=init_adapter, resume=resume, force=force)
+    cluster = DistributedSettings(coordinator=coordinator, num_processes=num_processes, process_id=process_id,
+                                  heartbeat_timeout_s=heartbeat_timeout)
+    result = train(model, data, out, settings, init_adapter=init_adapter, resume=resume, force=force,
+                   distributed=cluster)
     facts = result.manifest.get("facts", {})
     verb = "skipped (up to date)" if result.skipped else "trained"
     eval_loss = facts.get("eval_loss")
