@@ -137,15 +137,11 @@ def initialize(settings: DistributedSettings = DistributedSettings()) -> Team:
     With --coordinator etc. that run is described exactly; without, JAX's cluster detection is tried
     only when SLURM or Open MPI variables say there are several tasks; otherwise this is a single
     process exactly as before and nothing is started. Must run before anything queries a device."""
-    if _state["team"] is not None:
+    if _state["team"] is not None:  # already started in this process (the flow, then its train task)
         return _state["team"]
     detected = None if settings.explicit else cluster_detected()
-    if not settings.explicit and detected is None:
-        _state["team"] = Team()
-        return _state["team"]
-    if settings.explicit and settings.num_processes == 1:
-        _state["team"] = Team()
-        return _state["team"]
+    if (not settings.explicit and detected is None) or settings.num_processes == 1:
+        return Team()
 
     import jax
     from jax._src import xla_bridge

@@ -4,6 +4,10 @@ Tasks pass paths, never arrays. Whether a stage runs is decided by the stage's o
 hash of its inputs, settings and code version), not by Prefect's cache, which sees neither file
 contents nor deleted outputs; every task therefore has caching off, and logs "skipped" when its stage
 was up to date. The train task publishes the loss curve and final metrics as artifacts.
+
+Several hosts: every process runs this same flow (train.coordinator/num_processes/process_id, or the
+JORA_* variables, or SLURM/Open MPI). JAX's distributed runtime starts first; process 0 runs convert,
+tokenize, merge and exports while the others wait and then find them up to date; all train together.
 """
 
 
@@ -24,6 +28,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from jora_model import distributed  # noqa: E402
 from jora_model.errors import JoraError  # noqa: E402
 from pipeline.settings import FinetuneSettings  # noqa: E402
 
@@ -58,7 +63,7 @@ def train_task(model: str, data: str, out: str, settings: FinetuneSettings) -> d
     from stages.train import train
 
     result = train(model, data, out, train_settings(settings), warm_start=settings.train.warm_start,
-                   progress=False)
+                   progress=False, distributed=distributed_settings(settings))
     summary = _log(result)
     _publish_training(Path(result.out_dir), result.manifest.get("facts", {}))
     return summary
@@ -100,6 +105,40 @@ def train_settings(settings: FinetuneSettings):
         max_grad_norm=t.max_grad_norm)
 
 
+def distributed_settings(settings: FinetuneSettings):
+    """The multi-host part of the train settings; a field left empty is read from JORA_COORDINATOR,
+    JORA_NUM_PROCESSES or JORA_PROCESS_ID (the process id differs per host, the YAML does not)."""
+    from jora_model.distributed import DistributedSettings
+
+    t = settings.train
+
+    def env_int(name: str) -> int | None:
+        value = os.environ.get(name)
+        try:
+            return int(value) if value not in (None, "") else None
+        except ValueError:
+            raise JoraError(f"{name} must be a whole number, got {value!r}") from None
+
+    return DistributedSettings(
+        coordinator=t.coordinator or os.environ.get("JORA_COORDINATOR") or None,
+        num_processes=t.num_processes if t.num_processes is not None else env_int("JORA_NUM_PROCESSES"),
+        process_id=t.process_id if t.process_id is not None else env_int("JORA_PROCESS_ID"),
+        heartbeat_timeout_s=t.heartbeat_timeout)
+
+
+def _leader_first(team, run_stage):
+    """Process 0 runs a stage while the others wait; then they run it too and find it up to date
+    (no device is touched on a skip), so every process returns the same summary."""
+    if not team.several:
+        return run_stage()
+    if team.is_leader:
+        summary = run_stage()
+        team.barrier("jora flow: stage written")
+        return summary
+    team.barrier("jora flow: stage written")
+    return run_stage()
+
+
 def _publish_training(out: Path, facts: dict[str, Any]) -> None:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [{k: r[k] for k in ("step", "loss", "eval_loss", "eval_perplexity") if k in r}
@@ -116,11 +155,12 @@ def _publish_training(out: Path, facts: dict[str, Any]) -> None:
 
 
 class RunLock:
-    """One pipeline run per work directory at a time: a second one is refused, never interleaved."""
+    """One pipeline run per work directory at a time: a second one is refused, never interleaved.
+    In a multi-host run each process holds its own lock file (process 0: LOCK, others: LOCK.N)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, process_id: int = 0):
         workdir.mkdir(parents=True, exist_ok=True)
-        self.path = workdir / LOCK
+        self.path = workdir / (LOCK if process_id == 0 else f"{LOCK}.{process_id}")
         self.handle = open(self.path, "a+")
 
     def __enter__(self) -> "RunLock":
@@ -157,20 +197,12 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
     data = settings.data
     tokenize_settings = {"max_seq_len": data.max_seq_len, "val_fraction": data.val_fraction, "seed": data.seed,
                          "pack": data.pack, "strict": data.strict}
-    with RunLock(work):
-        stages: dict[str, Any] = {}
-        stages["convert"] = convert_task(settings.model.checkpoint, str(work / "store"), settings.model.dtype,
-                                         settings.model.tokenizer)
-        store = stages["convert"]["path"]
-        stages["tokenize"] = tokenize_task(data.path, str(work / "tokenized"), store, tokenize_settings)
-        stages["train"] = train_task(store, stages["tokenize"]["path"], str(work / "train"), settings)
-        stages["merge"] = merge_task(store, stages["train"]["path"], str(work / "merged"))
-        stages["export"] = export_task(stages["merge"]["path"], str(work / "hf-model"), settings.export.dtype,
-                                       settings.export.verify, settings.export.max_shard_mb)
-        if settings.export.peft_adapter:
-            stages["export-adapter"] = export_adapter_task(store, stages["train"]["path"],
-                                                           str(work / "peft-adapter"), settings.export.verify)
-        _write_lineage(work, settings, stages)
+    team = distributed.initialize(distributed_settings(settings))  # before any stage touches a device
+    try:
+        stages = _run_stages(settings, work, team, tokenize_settings)
+    except BaseException:
+        distributed.mark_failed()  # the other processes stop when this one does; no shutdown barrier
+        raise
     ran = [name for name, s in stages.items() if not s["skipped"]]
     skipped = [name for name, s in stages.items() if s["skipped"]]
     create_markdown_artifact(key="finetune-stages", markdown="\n".join(
@@ -180,6 +212,28 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
     return {"stages": stages, "hf_model": stages["export"]["path"],
             "adapter": str(Path(stages["train"]["path"]) / "adapter"),
             "peft_adapter": stages.get("export-adapter", {}).get("path")}
+
+
+def _run_stages(settings: FinetuneSettings, work: Path, team, tokenize_settings: dict[str, Any]) -> dict[str, Any]:
+    data = settings.data
+    with RunLock(work, team.process_id):
+        stages: dict[str, Any] = {}
+        stages["convert"] = _leader_first(team, lambda: convert_task(
+            settings.model.checkpoint, str(work / "store"), settings.model.dtype, settings.model.tokenizer))
+        store = stages["convert"]["path"]
+        stages["tokenize"] = _leader_first(team, lambda: tokenize_task(data.path, str(work / "tokenized"), store,
+                                                                       tokenize_settings))
+        stages["train"] = train_task(store, stages["tokenize"]["path"], str(work / "train"), settings)
+        stages["merge"] = _leader_first(team, lambda: merge_task(store, stages["train"]["path"], str(work / "merged")))
+        stages["export"] = _leader_first(team, lambda: export_task(
+            stages["merge"]["path"], str(work / "hf-model"), settings.export.dtype, settings.export.verify,
+            settings.export.max_shard_mb))
+        if settings.export.peft_adapter:
+            stages["export-adapter"] = _leader_first(team, lambda: export_adapter_task(
+                store, stages["train"]["path"], str(work / "peft-adapter"), settings.export.verify))
+        if team.is_leader:
+            _write_lineage(work, settings, stages)
+    return stages
 
 
 def apply_overrides(settings: FinetuneSettings, overrides: dict[str, Any]) -> FinetuneSettings:

@@ -58,6 +58,12 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     warm_start: bool = Field(False, description="start from the previous run's adapter when the data changed")
+    # Multi-host (README "Several hosts"): every process runs the same flow; none of these is part of
+    # the train stage's cache key, so the same inputs give the same adapter on any number of hosts.
+    coordinator: str | None = Field(None, description="HOST:PORT of process 0 (env JORA_COORDINATOR)")
+    num_processes: int | None = Field(None, ge=1, description="processes, one per host (env JORA_NUM_PROCESSES)")
+    process_id: int | None = Field(None, ge=0, description="this process, 0..N-1 (env JORA_PROCESS_ID)")
+    heartbeat_timeout: int = Field(100, ge=1, description="seconds of silence before a process counts as dead")
 
 
 class ExportSection(_Section):
