@@ -17,6 +17,7 @@ from stages.tokenize import tokenize_command
 from stages.export import export_adapter_command, export_command
 from stages.merge import merge_command
 from stages.train import train_command
+from pipeline.plan import plan_command
 
 
 class JoraGroup(click.Group):
@@ -64,6 +65,7 @@ cli.add_command(train_command)
 cli.add_command(merge_command)
 cli.add_command(export_command)
 cli.add_command(export_adapter_command)
+cli.add_command(plan_command)
 
 
 def _overrides(values: tuple[str, ...]) -> dict:

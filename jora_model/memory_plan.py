@@ -1,0 +1,246 @@
+"""Will it fit? The bytes per device of one LoRA training step, from shapes alone.
+
+Nothing is allocated: parameter shapes come from `layout.param_specs`, the training state's shapes from
+`jax.eval_shape` of the real optimizer (train.make_step_functions' abstract_state), and each tensor's
+per-device share from the sharding rules in sharding.py applied to a `jax.sharding.AbstractMesh` (so a
+mesh of 64 devices can be planned on a laptop).
+
+Persistent memory is exact: frozen weights, the fp32 LoRA master copy, AdamW's two fp32 moments, the
+LoRA gradients (the accumulator and the micro-batch's own), the batch. The rest is an estimate of what
+the compiled step keeps, term by term, in `StepMemoryModel`: its numbers were read off XLA's (CPU)
+buffer assignment of the step as train.py and llama.py write it today (bf16 compute with bf16 backward
+matmuls, fp32 LoRA path, fp32 logits and cross-entropy over the whole vocabulary). When the step
+changes (chunked cross-entropy, say), change the term that moved and rerun
+`benchmarks/plan_vs_measured.py`, which checks the estimate against XLA's own account.
+
+Shapes per device: b = batch rows / data, T tokens, D model dim (the residual stream is replicated over
+`model`), and the sharded widths H_m = heads / model, K_m = KV heads / model, F_m = ffn / model,
+V_m = vocab / model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+from .config import LlamaConfig
+from .errors import JoraError
+from .layout import param_specs
+from .lora import LoraSettings
+from .sharding import MeshShape, check_divisible
+
+_DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemoryModel:
+    """What one micro-batch's forward and backward keep, in bytes per element of each shape.
+
+    Without remat every layer keeps its forward intermediates (none of them [T,T]) until its backward.
+    With remat each layer keeps only its input, and one layer at a time is rebuilt for its backward.
+    Either way the peak comes inside one layer's backward or at the head (logits and their gradient),
+    whichever is larger: both are never live at once. Read off XLA's buffer assignment of the step (CPU).
+    """
+    saved_input: int = 2  # [b,T,D] layer input kept per layer under remat (bf16)
+    saved_mask: int = 1  # [b,T,T] per layer: the attention mask rides the layer scan's carry, so the
+    # scan keeps one bool copy per layer, with or without remat
+    hidden: int = 4 * 4 + 2 * 2  # [b,T,D] per layer: RMSNorm's fp32 upcasts and fp32 residual sums,
+    # the two normalised inputs in bf16
+    dropout_input: int = 4  # [b,T,in] per LoRA target: its dropped-out input (fp32), kept for dA
+    lora_mid: int = 4  # [b,T,r] per LoRA target: x @ A (fp32)
+    qkv: int = 2 + 4  # [b,T,width] of q, k and v: bf16 and the fp32 rotary result
+    mlp: int = 5 * 2 + 4 * 4  # [b,T,F_m]: gate, up, silu, product in bf16 and their fp32 forms
+    scores_backward: int = 4 + 4 + 2 + 2  # [b,H_m,T,T] live in one layer's attention backward, which
+    # recomputes them (llama.attend keeps no [T,T] residual): fp32 probabilities and their gradient,
+    # bf16 probabilities and score gradient
+    logits: int = 2 * 4  # [b,T,V_m]: fp32 logits and their gradient, live together at the head
+    layer_weights_fp32: bool = True  # XLA's CPU compiler converts every stacked bf16 layer matrix to
+    # fp32 once per step (the convert is hoisted out of the layer loop): a whole fp32 copy
+    head_copies_with_accum: int = 4 + 2  # bytes per lm_head entry when grad_accum > 1: an fp32 and a
+    # bf16 copy hoisted out of the micro-batch loop
+
+
+DEFAULT_STEP = StepMemoryModel()
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device of one training step on `mesh` (every figure per device)."""
+    mesh: MeshShape  # data x model
+    seq_len: int  # T: tokens per row
+    batch_size: int  # rows per micro-batch, over the whole data axis
+    grad_accum: int  # micro-batches per optimizer step (activations are per micro-batch)
+    remat: bool  # whether activation_bytes_per_device assumes per-layer rematerialisation
+    param_dtype: str  # dtype of the frozen weights
+    frozen_bytes_per_device: int  # the frozen base's share (sharded by the rules, norms replicated)
+    lora_bytes_per_device: int  # fp32 master copy of the adapter
+    optimizer_bytes_per_device: int  # AdamW's fp32 moments and step counters
+    gradient_bytes_per_device: int  # fp32 LoRA gradients: the accumulator and the micro-batch's own
+    batch_bytes_per_device: int  # input ids, loss mask and segment ids of the step
+    weight_copy_bytes_per_device: int  # fp32 copies of the frozen layer weights the backward matmuls read
+    activation_bytes_per_device: int  # estimated activations for the remat setting asked
+    activation_bytes_remat: int  # the same with remat
+    activation_bytes_no_remat: int  # and without
+    activation_terms: dict[str, int]  # the named terms both figures are built from
+    total_bytes_per_device: int  # everything above (activations for the remat setting asked)
+    device_memory: int | None  # bytes each device has, when given
+    fits: bool | None  # total <= device_memory; None without device_memory
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["mesh"] = str(self.mesh)
+        return out
+
+
+def parse_bytes(text: str | int) -> int:
+    """'80GB' (10^9), '80GiB' (2^30), '512MB', '1.5TB' or a plain number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = match.group(2).lower() if match else None
+        if unit is None or unit not in _UNITS:
+            raise JoraError(f"device memory {text!r} is not a size like 80GB, 80GiB or 512MB")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise JoraError(f"device memory must be positive, got {text!r}")
+    return value
+
+
+def _abstract_mesh(mesh: MeshShape):
+    from jax.sharding import AbstractMesh
+
+    return AbstractMesh((mesh.data, mesh.model), ("data", "model"))
+
+
+def _shard_bytes(sharding: Any, shape: tuple[int, ...], itemsize: int) -> int:
+    return math.prod(sharding.shard_shape(tuple(shape))) * itemsize
+
+
+def frozen_shards(config: LlamaConfig, mesh: MeshShape) -> dict[str, tuple[int, ...]]:
+    """Per-device shape of every frozen tensor ("module/param" -> shape), by the sharding rules."""
+    from . import sharding
+
+    abstract = _abstract_mesh(mesh)
+    return {spec.path: tuple(sharding.param_sharding(abstract, spec.path, spec.shape).shard_shape(spec.shape))
+            for spec in param_specs(config)}
+
+
+def _state_bytes(config: LlamaConfig, lora: LoraSettings, mesh: MeshShape) -> tuple[int, int]:
+    """(LoRA bytes, optimizer bytes) per device, from the real TrainState's abstract shapes."""
+    import jax
+
+    from . import sharding
+    from .train import OptimizerSettings, make_step_functions
+
+    state = make_step_functions(config, lora, OptimizerSettings()).abstract_state
+    shardings = sharding.state_shardings(_abstract_mesh(mesh), state)
+
+    def total(tree, tree_shardings) -> int:
+        return sum(_shard_bytes(s, leaf.shape, leaf.dtype.itemsize)
+                   for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)))
+
+    return total(state.lora, shardings.lora), total(state.opt_state, shardings.opt_state)
+
+
+def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: MeshShape,
+                     lora: LoraSettings, grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP) -> dict[str, int]:
+    """The named terms of the activation estimate, in bytes per device (see StepMemoryModel)."""
+    b, t, d = batch_size // mesh.data, seq_len, config.dim
+    e, m = config.head_dim, mesh.model
+    h_m, k_m, f_m, v_m = config.n_heads // m, config.n_kv_heads // m, config.ffn_dim // m, config.vocab_size // m
+    fan_in = {"q_proj": d, "k_proj": d, "v_proj": d, "o_proj": h_m * e, "gate_proj": d, "up_proj": d,
+              "down_proj": f_m}
+    per_token = (d * step.hidden + sum(fan_in[name] for name in lora.targets) * step.dropout_input
+                 + len(lora.targets) * lora.r * step.lora_mid + (h_m + 2 * k_m) * e * step.qkv + f_m * step.mlp)
+    tokens = b * t
+    scores = b * h_m * t * t
+    return {
+        "saved_layer_inputs": config.n_layers * tokens * d * step.saved_input,  # remat only
+        "saved_masks": config.n_layers * b * t * t * step.saved_mask,
+        "layer_saved": tokens * per_token,  # per layer, without remat
+        "attention_backward": scores * step.scores_backward,  # one layer's, rebuilt in its backward
+        "logits": tokens * v_m * step.logits,
+        "head_copies_with_accum": d * v_m * step.head_copies_with_accum if grad_accum > 1 else 0,
+    }
+
+
+def combine_activations(terms: dict[str, int], n_layers: int, remat: bool) -> int:
+    """Activation bytes from the terms: the head and one layer's backward are never live at once, so
+    only the larger counts; without remat every layer's intermediates are live at both."""
+    common = terms["saved_masks"] + terms["head_copies_with_accum"]
+    if remat:  # one layer rebuilt: its intermediates and its attention backward
+        layer = terms["layer_saved"] + terms["attention_backward"]
+        return common + terms["saved_layer_inputs"] + max(terms["logits"], layer)
+    return common + n_layers * terms["layer_saved"] + max(terms["logits"], terms["attention_backward"])
+
+
+def plan_memory(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: MeshShape, lora: LoraSettings,
+                remat: bool = True, param_dtype: str = "bfloat16", device_memory: int | None = None,
+                grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP) -> MemoryPlan:
+    """The bytes per device of training `config` with `lora` at batch_size rows of seq_len tokens
+    (per micro-batch, over the whole data axis) on `mesh`; fits when device_memory is given."""
+    if param_dtype not in _DTYPE_BYTES:
+        raise JoraError(f"param dtype must be bfloat16 or float32, got {param_dtype!r}")
+    for name, value in (("sequence length", seq_len), ("batch size", batch_size), ("grad_accum", grad_accum)):
+        if not isinstance(value, int) or value < 1:
+            raise JoraError(f"{name} must be a positive integer, got {value!r}")
+    check_divisible(config, mesh, batch_size)
+    shards = frozen_shards(config, mesh)
+    itemsize = _DTYPE_BYTES[param_dtype]
+    frozen = sum(math.prod(shape) for shape in shards.values()) * itemsize
+    layer_matrices = sum(math.prod(shape) for path, shape in shards.items()
+                         if path.startswith("layers/") and path.endswith("/w"))
+    # fp32 weights need no fp32 copy (assumed: only bf16 weights were measured)
+    copies = layer_matrices * 4 if step.layer_weights_fp32 and param_dtype == "bfloat16" else 0
+    lora_bytes, optimizer_bytes = _state_bytes(config, lora, mesh)
+    rows = (batch_size // mesh.data) * grad_accum
+    batch_bytes = rows * seq_len * (4 + 1 + 4)  # int32 ids, bool mask, int32 segment ids
+    terms = activation_terms(config, seq_len=seq_len, batch_size=batch_size, mesh=mesh, lora=lora,
+                             grad_accum=grad_accum, step=step)
+    with_remat = combine_activations(terms, config.n_layers, True)
+    without_remat = combine_activations(terms, config.n_layers, False)
+    activations = with_remat if remat else without_remat
+    total = frozen + lora_bytes + optimizer_bytes + 2 * lora_bytes + batch_bytes + copies + activations
+    return MemoryPlan(
+        mesh=mesh, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, remat=remat,
+        param_dtype=param_dtype, frozen_bytes_per_device=frozen, lora_bytes_per_device=lora_bytes,
+        optimizer_bytes_per_device=optimizer_bytes, gradient_bytes_per_device=2 * lora_bytes,
+        batch_bytes_per_device=batch_bytes, weight_copy_bytes_per_device=copies,
+        activation_bytes_per_device=activations, activation_bytes_remat=with_remat,
+        activation_bytes_no_remat=without_remat, activation_terms=terms, total_bytes_per_device=total,
+        device_memory=device_memory, fits=None if device_memory is None else total <= device_memory)
+
+
+def candidate_meshes(config: LlamaConfig, devices: int, batch_size: int) -> list[MeshShape]:
+    """Every data x model split of `devices` that the model's shapes and the batch allow."""
+    out = []
+    for model in range(1, devices + 1):
+        if devices % model:
+            continue
+        mesh = MeshShape(data=devices // model, model=model)
+        try:
+            check_divisible(config, mesh, batch_size)
+        except JoraError:
+            continue
+        out.append(mesh)
+    return out
+
+
+def meshes_that_fit(config: LlamaConfig, devices: int, *, seq_len: int, batch_size: int, lora: LoraSettings,
+                    device_memory: int, remat: bool = True, param_dtype: str = "bfloat16",
+                    grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP) -> list[MemoryPlan]:
+    """The meshes over all `devices` on which the step fits, best first. Best = the most data
+    parallelism (each extra model shard adds all-reduces to every layer, while data shards run
+    independently until the gradient sum, so throughput is highest with the fewest model shards);
+    ties go to the smaller total."""
+    if not isinstance(devices, int) or devices < 1:
+        raise JoraError(f"device count must be a positive integer, got {devices!r}")
+    plans = [plan_memory(config, seq_len=seq_len, batch_size=batch_size, mesh=mesh, lora=lora, remat=remat,
+                         param_dtype=param_dtype, device_memory=device_memory, grad_accum=grad_accum, step=step)
+             for mesh in candidate_meshes(config, devices, batch_size)]
+    return sorted((p for p in plans if p.fits), key=lambda p: (-p.mesh.data, p.total_bytes_per_device))
