@@ -160,6 +160,10 @@ def initialize(settings: DistributedSettings = DistributedSettings()) -> Team:
         kwargs.update(coordinator_address=settings.coordinator, num_processes=settings.num_processes,
                       process_id=settings.process_id, cluster_detection_method="deactivate")
     where = settings.coordinator or f"the coordinator {detected} names"
+    if settings.explicit and settings.process_id != 0:
+        # JAX aborts the process (a C++ fatal error) when it cannot reach the coordinator in time;
+        # waiting for the port first turns the usual cause into one line.
+        _wait_for_port(settings.coordinator, settings.init_timeout_s)
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as exc:  # JAX raises RuntimeError/ValueError/JaxRuntimeError here
@@ -173,6 +177,24 @@ def initialize(settings: DistributedSettings = DistributedSettings()) -> Team:
              team.num_processes, where, jax.local_device_count(), jax.device_count())
     _state["team"] = team
     return team
+
+
+def _wait_for_port(address: str, timeout_s: float) -> None:
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise JoraError(f"no coordinator answered at {address} within {timeout_s} s ({exc.strerror or exc}); "
+                                "start process 0 there (same --coordinator) or check the address") from None
+            time.sleep(0.5)
 
 
 def current_team() -> Team:

@@ -219,6 +219,16 @@ def test_partial_multihost_flags_are_one_line_errors(inputs):
     assert len(result.output.strip().splitlines()) == 1 and not (root / "x").exists()
 
 
+def test_no_coordinator_is_one_line_after_the_join_timeout():
+    """A process that cannot reach process 0 says so (JAX itself would abort with a C++ fatal error)."""
+    code = ("from jora_model.distributed import DistributedSettings, initialize\n"
+            f"initialize(DistributedSettings('127.0.0.1:{_free_port()}', 2, 1, init_timeout_s=2))")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "JoraError: no coordinator answered at 127.0.0.1:" in out.stderr, out.stderr
+    assert time.monotonic() - started < 30
+
+
 def test_distributed_settings_need_all_three_flags_and_sane_values():
     from jora_model.distributed import DistributedSettings, cluster_detected
     from jora_model.errors import JoraError
