@@ -314,6 +314,8 @@ def child_profile(data: Path, out: Path, tokenizer: Path) -> dict:
         return sum(v[3] for (f, _, n), v in stats.items() if file_part in f and n == name)
 
     sp = sum(v[2] for (f, _, n), v in stats.items() if "sentencepiece" in f or "sentencepiece" in n)
+    encode = cum("tokenizer.py", "encode_array")  # the word cache, SentencePiece on new words included
+    sp_calls = sum(v[1] for (f, _, n), v in stats.items() if "sentencepiece" in f and n == "EncodeAsIds")
     read = cum("alpaca.py", "read_records")
     arrow = cum("data.py", "add") + cum("data.py", "close")
     cut = cum("alpaca.py", "_cut")
@@ -333,7 +335,8 @@ def child_profile(data: Path, out: Path, tokenizer: Path) -> dict:
         list(pool.map(abs, range(WORKERS)))
         ready = time.perf_counter() - t
     start_cpu = cpu_seconds() - c
-    return {"profiled_s": total, "cpu_s": cpu, "sentencepiece_s": sp, "read_json_s": read, "arrow_s": arrow,
+    return {"profiled_s": total, "cpu_s": cpu, "sentencepiece_s": sp, "encode_s": encode, "sentencepiece_calls": sp_calls,
+            "read_json_s": read, "arrow_s": arrow,
             "cut_s": cut, "other_s": total - sp - read - arrow, "pickle_dumps_s": dumps,
             "pickled_mb": sum(map(len, blobs)) / 1e6, "spawn_ready_s": ready, "spawn_cpu_s": start_cpu}
 
@@ -464,7 +467,8 @@ def render(summary: dict, runs: dict, facts: dict, meta: dict) -> str:
         f"{meta['tok']['identical']}/{meta['tok']['texts']} sample texts to identical ids. max_seq_len "
         f"{MAX_SEQ_LEN}, {WORKERS} worker processes on both sides.", "",
         "A = `stages.tokenize.tokenize(..., TokenizeSettings(max_seq_len=2000), workers=2, force=True)`: "
-        "JSON -> validated records -> SentencePiece in 2 spawned workers -> prompt cutting -> train/val "
+        "JSON -> validated records -> SentencePiece with the per-word cache (jora_model/tokenizer.py) in 2 "
+        "spawned workers -> prompt cutting -> train/val "
         "Arrow shards + stats.json. B = `load_dataset(\"json\")` (fresh cache dir each run) -> "
         "`.map(fn, num_proc=2, remove_columns=...)` (fn: same Alpaca prompt, prompt and response "
         "tokenized without special tokens, `[bos]+prompt+response+[eos]`, labels -100 over the prompt, "
@@ -502,14 +506,19 @@ def render(summary: dict, runs: dict, facts: dict, meta: dict) -> str:
             f"with a CPU-time clock: {p['profiled_s']:.1f} CPU s profiled, {p['cpu_s']:.1f} CPU s with the profiler's "
             f"own cost; load {p['load_before'].split()[0]}):", "",
             "| part | CPU s | share |", "|---|---:|---:|",
-            f"| SentencePiece encode (the C++ `Encode` calls; cutting the {meta['a_cut']} long prompts, `_cut`: "
-            f"offsets + re-encoding the context, takes {p['cut_s']:.2f} s, most of it in here) "
+            f"| SentencePiece encode (the C++ `Encode` calls: {p.get('sentencepiece_calls', 0):,} of them, one per "
+            f"word not yet in the per-word cache, plus the offsets and re-encoding when cutting the "
+            f"{meta['a_cut']} long prompts; `_cut` takes {p['cut_s']:.2f} s) "
             f"| {sp:.2f} | {sp / p['profiled_s']:.0%} |",
+            f"| the per-word cache (`Tokenizer.encode_array` less the SentencePiece calls: splitting into words, "
+            f"dict lookups, joining the cached int32 bytes) | {p.get('encode_s', sp) - sp:.2f} "
+            f"| {(p.get('encode_s', sp) - sp) / p['profiled_s']:.0%} |",
             f"| reading + parsing the JSON (`read_records`) | {p['read_json_s']:.2f} "
             f"| {p['read_json_s'] / p['profiled_s']:.0%} |",
             f"| Arrow shards (`ShardWriter.add` + `close`) | {p['arrow_s']:.2f} | {p['arrow_s'] / p['profiled_s']:.0%} |",
-            f"| the rest of the Python (prompt rendering, `tokenize_record`'s list -> numpy, stats, input "
-            f"hashing) | {p['other_s']:.2f} | {p['other_s'] / p['profiled_s']:.0%} |", "",
+            f"| the rest of the Python (prompt rendering, `tokenize_record`, stats, input "
+            f"hashing) | {p['other_s'] - (p.get('encode_s', p['sentencepiece_s']) - p['sentencepiece_s']):.2f} "
+            f"| {(p['other_s'] - (p.get('encode_s', p['sentencepiece_s']) - p['sentencepiece_s'])) / p['profiled_s']:.0%} |", "",
             f"Added by the 2-worker run: pickling tasks and results between processes "
             f"({p['pickled_mb']:.0f} MB, the per-record `Example`s with their numpy arrays): "
             f"{p['pickle_dumps_s']:.2f} s dumps (in the workers)"
