@@ -8,6 +8,7 @@ chromium`); .ci/run installs both and sets JORA_REQUIRE_BROWSER=1 so that CI fai
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.gui import checks, progress
@@ -46,14 +48,15 @@ def test_form_holds_every_setting_with_its_default():
     defaults = _dotted(FinetuneSettings().model_dump())
     assert [f.name for f in fields] == list(defaults)
     shown = dict(zip((f.name for f in fields), to_form(FinetuneSettings(), fields)))
+    kinds = {f.name: f.kind for f in fields}
     for name, value in defaults.items():
-        assert shown[name] == ("" if value is None and name == "model.tokenizer" else value), name
+        assert shown[name] == ("" if value is None and kinds[name] == "text" else value), name
     assert all(f.help for f in fields), [f.name for f in fields if not f.help]  # the example YAML documents each
     titles = [title for title, _ in grouped(fields)]
     assert titles == ["Work directory", "Model", "Data", "LoRA", "Training", "Mesh", "Export"]
     placed = [f.name for _, members in grouped(fields) for f in members]
     assert sorted(placed) == sorted(defaults)  # each field in exactly one group
-    assert [f.name for f in dict(grouped(fields))["Mesh"]] == ["train.mesh"]
+    assert [f.name for f in dict(grouped(fields))["Mesh"]][0] == "train.mesh"
 
 
 def test_form_round_trip_and_field_errors(tmp_path):
@@ -151,14 +154,14 @@ def test_stage_events_and_states():
     assert progress.stage_event("export: wrote /w/hf-model in 3.1 s") == ("export", "ran")
     assert progress.stage_event("train: resuming from step 20 (/w/.train.work-ab/checkpoints)") is None
     demo = FinetuneSettings()
-    states = progress.stage_states({"convert": "skipped", "tokenize": "ran"}, active=True, failed=False,
-                                   settings=demo)
+    states = progress.stage_states({"convert": "skipped", "tokenize": "ran"}, "running", demo)
     assert states == {"convert": "skipped", "tokenize": "ran", "train": "running", "merge": "waiting",
                       "export": "waiting", "export-adapter": "waiting"}
-    failed = progress.stage_states({"convert": "ran"}, active=False, failed=True,
-                                   settings=demo.model_copy(update={"export": demo.export.model_copy(
-                                       update={"peft_adapter": False})}))
+    failed = progress.stage_states({"convert": "ran"}, "failed", demo.model_copy(update={
+        "export": demo.export.model_copy(update={"peft_adapter": False})}))
     assert failed["tokenize"] == "failed" and failed["train"] == "waiting" and failed["export-adapter"] == "off"
+    assert progress.stage_states({"convert": "ran"}, "stopped", demo)["tokenize"] == "stopped"
+    assert set(progress.stage_states({}, "succeeded", demo).values()) == {"waiting"}
     clock = progress.StepClock()
     assert clock.eta(1, 11, now=100.0) is None  # the first step seen starts the clock (compilation)
     assert clock.eta(3, 11, now=104.0) == pytest.approx(16.0)  # 2 s a step, 8 steps left
@@ -193,6 +196,23 @@ def _wait_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 12
         except OSError:
             time.sleep(0.5)
     raise AssertionError("jora gui did not start:\n" + log.read_text()[-3000:])
+
+
+def _wait_text(page, selector: str, pattern: str, timeout: float) -> str:
+    """Wait until `selector`'s text matches `pattern`; on timeout, fail with what the page says about the
+    run (a loaded machine can make the run slow: the timeouts are generous, the message tells why)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = page.locator(selector).inner_text()
+        if re.search(pattern, text):
+            return text
+        failed = "Failed" in page.locator("#run-status").inner_text()
+        if failed or time.monotonic() > deadline:
+            log = page.locator("#log-tail textarea").input_value()
+            raise AssertionError(f"{selector} never matched {pattern!r} in {timeout:.0f} s; it says {text!r}\n"
+                                 f"status: {page.locator('#run-status').inner_text()}\n"
+                                 f"note: {page.locator('#launch-note').inner_text()}\nlog, newest first:\n{log[:3000]}")
+        page.wait_for_timeout(500)
 
 
 def _field(page, name: str):
@@ -247,15 +267,27 @@ def test_gui_runs_the_demo_in_a_browser(tmp_path):
             assert not (work / "gui-settings.yaml").exists() and not (work / "store").exists()
             page.screenshot(path=tmp_path / "gui-errors.png", full_page=True)
 
-            # The demo as Demo fills it: launch, watch, finish.
+            # The demo as Demo fills it: launch, watch a few steps, stop.
             page.click("#demo-button")
             expect(_field(page, "train.mesh")).to_have_value("", timeout=60_000)
             expect(_field(page, "data.path")).not_to_have_value(str(tmp_path / "no-such-data.json"))
             expect(page.locator("#error-train-mesh")).to_be_hidden()
             page.click("#launch-button")
-            expect(page.locator("#run-status")).to_contain_text("Running", timeout=30_000)
+            _wait_text(page, "#run-status", "Running", 60)
+            _wait_text(page, "#train-step", r"Step ([3-9]|\d\d) of 40", 400)
+            page.click("#stop-button")
+            _wait_text(page, "#run-status", "Stopped", 120)
+            expect(page.locator("#stages")).to_contain_text("stopped")
+            stopped_at = int(re.search(r"at step (\d+)", page.locator("#run-status").inner_text()).group(1))
+            checkpoints = list(work.glob(".train.work-*/checkpoints/*"))
+            assert checkpoints and not (work / "train").exists()
+
+            # Launch again: convert and tokenize are up to date, training resumes from the checkpoint.
+            page.click("#launch-button")
+            _wait_text(page, "#run-status", "Running", 60)
             steps_seen: set[str] = set()
-            deadline = time.monotonic() + 300
+            curves_seen: set[str] = set()  # the loss plot's image, as it is redrawn
+            deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 text = page.locator("#run-status").inner_text()
                 if "Finished" in text or "Failed" in text:
@@ -263,16 +295,22 @@ def test_gui_runs_the_demo_in_a_browser(tmp_path):
                 step = page.locator("#train-step").inner_text()
                 if step.startswith("Step"):
                     steps_seen.add(step.split(",")[0])
+                if page.locator("#loss-plot img").count():
+                    curves_seen.add(page.locator("#loss-plot img").first.get_attribute("src"))
                 page.wait_for_timeout(1000)
             status = page.locator("#run-status").inner_text()
             assert "Finished" in status, status + "\n" + page.locator("#log-tail textarea").input_value()[-3000:]
             expect(page.locator("#final-eval-loss textarea, #final-eval-loss input").first).not_to_have_value(
                 "", timeout=10_000)
 
+            # Both curves are drawn: pixels of the train and the eval colour in the plot as the browser shows it.
+            expect(page.locator("#loss-plot img")).to_have_count(1)
+            plot_png = page.locator("#loss-plot img").screenshot()
             eval_text = page.locator("#final-eval-loss").locator("input, textarea").first.input_value()
             hf_model = page.locator("#out-hf-model").locator("input, textarea").first.input_value()
             peft = page.locator("#out-peft-adapter").locator("input, textarea").first.input_value()
             stages_text = page.locator("#stages").inner_text()
+            log_text = page.locator("#log-tail textarea").input_value()
 
             # An instruction to the trained model, answered through jora generate.
             page.locator("#ask-prompt textarea").fill("How often should the robot batteries be checked?")
@@ -297,13 +335,25 @@ def test_gui_runs_the_demo_in_a_browser(tmp_path):
     assert Path(hf_model) == work / "hf-model" and (Path(hf_model) / "config.json").is_file()
     assert Path(peft) == work / "peft-adapter" and (Path(peft) / "adapter_config.json").is_file()
     for stage in progress.STAGES:
-        assert re.search(rf"^{stage}\s+ran\s", stages_text, re.M), stages_text
+        state = "skipped" if stage in ("convert", "tokenize") else "ran"
+        assert re.search(rf"^{stage}\s+{state}\s", stages_text, re.M), stages_text
+    assert f"train: resuming from step {stopped_at}" in log_text
+    assert facts["resumed_from"] == stopped_at
     # Training was watched while it ran: several different steps appeared, and the count was right.
     settings = FinetuneSettings.model_validate(json.loads(json.dumps(
         __import__("yaml").safe_load((work / "gui-settings.yaml").read_text()))))
     total = progress.total_steps(work, settings)
     assert total == metrics[-1]["step"] == facts["steps"]
     assert len(steps_seen) >= 2 and all(s.endswith(f"of {total}") for s in steps_seen), steps_seen
+    assert len(curves_seen) >= 2  # the loss curve was redrawn while training went on
+    from PIL import Image
+
+    from pipeline.gui.app import EVAL_COLOUR, TRAIN_COLOUR
+
+    pixels = np.asarray(Image.open(io.BytesIO(plot_png)).convert("RGB"), dtype=np.int32)
+    for colour in (TRAIN_COLOUR, EVAL_COLOUR):
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(pixels - rgb).sum(axis=-1) < 60).sum() > 100, colour
     assert answer and not answer.startswith(("jora generate failed", "No trained")), answer
     # Nothing left the machine: every request the page made went to the local server.
     outside = [u for u in requests if not u.startswith((url, "data:", "blob:"))]

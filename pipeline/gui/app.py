@@ -22,7 +22,7 @@ from pipeline.gui.form import FormField, form_fields, from_form, grouped, to_for
 from pipeline.gui.runs import OFFLINE, DeploymentRun, LocalRun, Run, check_deployment, prefect_server
 
 STATE_MARKS = {"ran": "ran", "skipped": "skipped (up to date)", "running": "**running**", "failed": "**failed**",
-               "waiting": "waiting", "off": "off (export.peft_adapter)"}
+               "stopped": "**stopped** (resumes)", "waiting": "waiting", "off": "off (export.peft_adapter)"}
 CSS = """
 #run-status { font-size: 1.1em; }
 .jora-error, .jora-error * { color: #b91c1c !important; font-weight: 600; }
@@ -81,8 +81,7 @@ class Controller:
         if run is None:
             return {"status": "Idle: fill the form (or press **Demo**) and press **Launch**."}
         view = run.view()
-        states = progress.stage_states(view.finished, view.status == "running", view.status != "running"
-                                       and view.status != "succeeded", run.settings)
+        states = progress.stage_states(view.finished, view.status, run.settings)
         rows = [f"| {stage} | {STATE_MARKS[state]} | `{progress.OUTPUTS[stage]}/` |"
                 for stage, state in states.items()]
         metrics = progress.train_metrics(run.work, states["train"])
@@ -105,7 +104,7 @@ class Controller:
                   "stopped": f"**Stopped**: {view.error or 'the next launch resumes from the checkpoint'}"}[view.status]
         result = {"status": status, "stages": f"Work directory `{run.work}`\n\n| stage | state | output |\n|---|---|---|\n"
                   + "\n".join(rows),
-                  "step": step_text, "evals": eval_text, "log": "\n".join(reversed(view.log[-80:])),
+                  "step": step_text, "evals": eval_text, "log": "\n".join(reversed(view.log[-200:])),
                   "metrics": metrics, "run_status": view.status}
         if view.status == "succeeded":
             out = progress.outputs(run.work)
@@ -152,14 +151,29 @@ def _error_box(gr, name: str):
     return gr.Markdown(visible=False, elem_id="error-" + name.replace(".", "-"), elem_classes=["jora-error"])
 
 
-def _loss_frame(metrics: list[dict[str, Any]]):
-    import pandas as pd
+TRAIN_COLOUR, EVAL_COLOUR = "#1f77b4", "#ff7f0e"
 
-    rows = [{"step": r["step"], "loss": r["loss"], "curve": "train"} for r in metrics if "loss" in r]
-    rows += [{"step": r["step"], "loss": r["eval_loss"], "curve": "eval"} for r in metrics if "eval_loss" in r]
-    # Typed even when empty: the plot takes each axis's kind (number or category) from the dtypes.
-    return pd.DataFrame(rows, columns=["step", "loss", "curve"]).astype({"step": "int64", "loss": "float64",
-                                                                         "curve": "str"})
+
+def _loss_figure(metrics: list[dict[str, Any]]):
+    """The loss curves as a matplotlib figure (drawn on the server: Gradio 6's interactive plot keeps the
+    series of its first table, so an eval curve that starts at step 10 would never get a colour), or None
+    before the first step."""
+    from matplotlib.figure import Figure
+
+    train = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
+    if not train:
+        return None
+    figure = Figure(figsize=(7, 3), dpi=100, layout="tight")
+    axes = figure.add_subplot()
+    axes.plot(*zip(*train), color=TRAIN_COLOUR, label="train loss")
+    if evals:
+        axes.plot(*zip(*evals), color=EVAL_COLOUR, marker="o", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return figure
 
 
 def build_app(base: Path):
@@ -207,8 +221,7 @@ def build_app(base: Path):
             with gr.Column(scale=6):
                 stages = gr.Markdown(elem_id="stages")
                 step = gr.Markdown("Training has not started.", elem_id="train-step")
-                plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", color="curve", title="Loss",
-                                   height=260, elem_id="loss-plot")
+                plot = gr.Plot(label="Loss", elem_id="loss-plot")
                 evals = gr.Markdown("no evaluation yet", elem_id="eval-losses")
                 log = gr.Textbox(label="Log (newest first)", lines=12, max_lines=12, autoscroll=False,
                                  interactive=False, elem_id="log-tail")
@@ -225,7 +238,7 @@ def build_app(base: Path):
                     max_new = gr.Number(label="max new tokens", value=64, precision=0, minimum=1)
                     ask = gr.Button("Ask", elem_id="ask-button")
                     answer = gr.Textbox(label="Answer", lines=4, interactive=False, elem_id="ask-answer")
-        seen = gr.State(-1)  # how many metric records the plot shows: redraw only when it grows
+        seen = gr.State("")  # which metrics the plot shows (count and newest record): redraw on change only
         timer = gr.Timer(1.0)
 
         form = [*inputs, deployment]
@@ -252,13 +265,14 @@ def build_app(base: Path):
             except JoraError as exc:
                 return [f"**Not launched**: {exc}", *marks]
 
-        def on_tick(shown: int):
+        def on_tick(shown: str):
             snap = controller.snapshot()
             metrics = snap.get("metrics", [])
-            plot_update = _loss_frame(metrics) if len(metrics) != shown else gr.skip()
+            key = repr((len(metrics), metrics[-1] if metrics else None))
+            plot_update = _loss_figure(metrics) if key != shown else gr.skip()
             done = snap.get("run_status") == "succeeded"
             return (snap["status"], snap.get("stages", ""), snap.get("step", "Training has not started."),
-                    snap.get("evals", "no evaluation yet"), snap.get("log", ""), plot_update, len(metrics),
+                    snap.get("evals", "no evaluation yet"), snap.get("log", ""), plot_update, key,
                     snap.get("eval_loss", "") if done else "", snap.get("hf_model", "") if done else "",
                     snap.get("peft_adapter", "") if done else "", snap.get("adapter", "") if done else "",
                     snap.get("again", ""))
@@ -268,7 +282,8 @@ def build_app(base: Path):
         stop.click(controller.stop, outputs=note)
         ask.click(controller.ask, inputs=[inputs[0], prompt, context, max_new], outputs=answer)
         timer.tick(on_tick, inputs=seen, outputs=[status, stages, step, evals, log, plot, seen, eval_loss, hf_model,
-                                                  peft_adapter, adapter, again], show_progress="hidden")
+                                                  peft_adapter, adapter, again], show_progress="hidden",
+                   concurrency_limit=1)  # one at a time: a late older tick must not overwrite a newer one
     return page
 
 

@@ -125,7 +125,9 @@ def check_settings(settings: FinetuneSettings, machine: Machine | None = None) -
     except JoraError as exc:
         errors["train.mesh"] = str(exc)
         return errors
-    mesh = _check_mesh(settings, config, machine.devices, errors)
+    # Several hosts (train.num_processes) train as one mesh over all their devices, as many on each.
+    hosts = getattr(settings.train, "num_processes", None) or 1
+    mesh = _check_mesh(settings, config, machine.devices * hosts, errors)
     if mesh is not None and config is not None and not errors and machine.device_memory:
         _check_memory(settings, config, mesh, machine.device_memory, errors)
     return errors

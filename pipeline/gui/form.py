@@ -22,15 +22,17 @@ from pipeline.settings import FinetuneSettings
 
 EXAMPLE_YAML = Path(__file__).resolve().parents[1] / "finetune.example.yaml"
 
-# Page groups: (title, setting names or section prefixes). train.mesh has its own group because it is
-# the setting most likely to be wrong on a new machine; every other field goes by its section.
+# Page groups: (title, setting names or section prefixes). The mesh (and the multi-host settings that
+# say which devices it spans) has its own group because it is the setting most likely to be wrong on a
+# new machine; every other field goes by its section. Names not in settings.py are ignored.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Work directory", ("workdir",)),
     ("Model", ("model.",)),
     ("Data", ("data.",)),
     ("LoRA", ("lora.",)),
     ("Training", ("train.",)),
-    ("Mesh", ("train.mesh",)),
+    ("Mesh", ("train.mesh", "train.num_processes", "train.process_id", "train.coordinator",
+              "train.heartbeat_timeout")),
     ("Export", ("export.",)),
 )
 # Multiple-choice lists: which values a list field may hold.

@@ -35,9 +35,10 @@ def stage_event(line: str) -> tuple[str, str] | None:
     return match.group(1), "skipped" if match.group(2) == "skipped" else "ran"
 
 
-def stage_states(finished: dict[str, str], active: bool, failed: bool, settings: FinetuneSettings) -> dict[str, str]:
-    """Every stage's state: ran / skipped (from its log line), running (the first unfinished one while the
-    run is active: the flow runs them one after another), failed, waiting, or off (not asked for)."""
+def stage_states(finished: dict[str, str], status: str, settings: FinetuneSettings) -> dict[str, str]:
+    """Every stage's state: ran / skipped (from its log line); for the first unfinished one (the flow runs
+    them one after another) the run's: running, failed or stopped; the rest waiting, or off (not asked
+    for). `status` is the run's: running, succeeded, failed or stopped."""
     states: dict[str, str] = {}
     current_found = False
     for stage in STAGES:
@@ -45,8 +46,8 @@ def stage_states(finished: dict[str, str], active: bool, failed: bool, settings:
             states[stage] = "off"
         elif stage in finished:
             states[stage] = finished[stage]
-        elif not current_found and (active or failed):
-            states[stage] = "running" if active else "failed"
+        elif not current_found and status in ("running", "failed", "stopped"):
+            states[stage] = status
             current_found = True
         else:
             states[stage] = "waiting"
@@ -68,8 +69,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def train_metrics(work: Path, train_state: str) -> list[dict[str, Any]]:
-    """metrics.jsonl of the training in progress (its `.train.work-KEY/`) or of the finished one."""
-    if train_state == "running":
+    """metrics.jsonl of the training in progress or interrupted (its `.train.work-KEY/`), or of the
+    finished one."""
+    if train_state in ("running", "stopped", "failed"):
         live = sorted(work.glob(".train.work-*/metrics.jsonl"), key=lambda p: p.stat().st_mtime)
         return _read_jsonl(live[-1]) if live else []
     if train_state in ("ran", "skipped"):

@@ -106,8 +106,12 @@ class LocalRun(Run):
     def __init__(self, settings: FinetuneSettings):
         config = write_config(settings)
         command = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config)]
+        env = {**os.environ, **OFFLINE}
+        # Without a server, Prefect starts a temporary one per run and gives it 20 s to come up: too short
+        # on a machine busy with other work (seen on a loaded 2-core box); a user's own value wins.
+        env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        bufsize=1, env={**os.environ, **OFFLINE}, errors="replace")
+                                        bufsize=1, env=env, errors="replace")
         super().__init__(settings, f"child process {self.process.pid}: jora run --config {config}")
         threading.Thread(target=self._follow, name="jora-gui-run", daemon=True).start()
 
