@@ -9,8 +9,8 @@ Persistent memory is exact: frozen weights, the fp32 LoRA master copy, AdamW's t
 LoRA gradients (the accumulator and the micro-batch's own), the batch. The rest is an estimate of what
 the compiled step keeps, term by term, in `StepMemoryModel`: its numbers were read off XLA's (CPU)
 buffer assignment of the step as train.py and llama.py write it today (bf16 compute with bf16 backward
-matmuls, fp32 LoRA path, fp32 logits and cross-entropy over the whole vocabulary). When the step
-changes (chunked cross-entropy, say), change the term that moved and rerun
+matmuls and a custom attention backward, fp32 LoRA path, cross-entropy over chunks of the sequence).
+When the step changes, change the term that moved and rerun
 `benchmarks/plan_vs_measured.py`, which checks the estimate against XLA's own account.
 
 Shapes per device: b = batch rows / data, T tokens, D model dim (the residual stream is replicated over
@@ -42,7 +42,7 @@ class StepMemoryModel:
 
     Without remat every layer keeps its forward intermediates (none of them [T,T]) until its backward.
     With remat each layer keeps only its input, and one layer at a time is rebuilt for its backward.
-    Either way the peak comes inside one layer's backward or at the head (logits and their gradient),
+    Either way the peak comes inside one layer's backward or at the head (one chunk's logits),
     whichever is larger: both are never live at once. Read off XLA's buffer assignment of the step (CPU).
     """
     saved_input: int = 2  # [b,T,D] layer input kept per layer under remat (bf16)
@@ -57,11 +57,13 @@ class StepMemoryModel:
     scores_backward: int = 4 + 4 + 2 + 2  # [b,H_m,T,T] live in one layer's attention backward, which
     # recomputes them (llama.attend keeps no [T,T] residual): fp32 probabilities and their gradient,
     # bf16 probabilities and score gradient
-    logits: int = 2 * 4  # [b,T,V_m]: fp32 logits and their gradient, live together at the head
+    logits: int = 4 + 2  # [b,c,V_m] per chunk of c tokens: fp32 logits and their bf16 gradient
+    logits_chunk: int | None = 1 << 24  # the head runs over chunks of c tokens, c the largest divisor
+    # of T with b c V at most this many logits (jora_model/loss.py); None: all T tokens at once
     layer_weights_fp32: bool = True  # XLA's CPU compiler converts every stacked bf16 layer matrix to
     # fp32 once per step (the convert is hoisted out of the layer loop): a whole fp32 copy
-    head_copies_with_accum: int = 4 + 2  # bytes per lm_head entry when grad_accum > 1: an fp32 and a
-    # bf16 copy hoisted out of the micro-batch loop
+    head_copies_with_accum: int = 4  # bytes per lm_head entry when grad_accum > 1: an fp32 copy
+    # hoisted out of the micro-batch loop
 
 
 DEFAULT_STEP = StepMemoryModel()
@@ -159,12 +161,16 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
                  + len(lora.targets) * lora.r * step.lora_mid + (h_m + 2 * k_m) * e * step.qkv + f_m * step.mlp)
     tokens = b * t
     scores = b * h_m * t * t
+    chunk = t
+    if step.logits_chunk is not None:  # b and V as the step sees them: the whole batch and vocabulary
+        limit = max(1, step.logits_chunk // (batch_size * config.vocab_size))
+        chunk = max(c for c in range(1, min(t, limit) + 1) if t % c == 0)
     return {
         "saved_layer_inputs": config.n_layers * tokens * d * step.saved_input,  # remat only
         "saved_masks": config.n_layers * b * t * t * step.saved_mask,
         "layer_saved": tokens * per_token,  # per layer, without remat
         "attention_backward": scores * step.scores_backward,  # one layer's, rebuilt in its backward
-        "logits": tokens * v_m * step.logits,
+        "logits": b * chunk * v_m * step.logits,  # one chunk's
         "head_copies_with_accum": d * v_m * step.head_copies_with_accum if grad_accum > 1 else 0,
     }
 

@@ -35,9 +35,9 @@ HAND_7B = {
     "frozen": 6_738_415_616 * 2,  # the published parameter count, bf16
     "lora": L * 2 * (D * 16 + 16 * D) * 4,  # q and v: A [D,16] + B [16,D] per layer, fp32
     "copies": L * (4 * D * D + 3 * D * F) * 4,  # every layer matrix once more, in fp32
-    # remat: every layer's bf16 input and bool mask, plus the larger of the head's fp32 logits and
-    # their gradient, and one layer's backward
-    "activations": L * T * D * 2 + L * T * T + max(2 * T * V * 4, LAYER_BACKWARD),
+    # remat: every layer's bf16 input and bool mask, plus the larger of the head (one chunk of all
+    # 512 tokens: 512 x 32000 <= 2^24 logits, fp32, and their bf16 gradient) and one layer's backward
+    "activations": L * T * D * 2 + L * T * T + max(T * V * (4 + 2), LAYER_BACKWARD),
 }
 HAND_7B["total"] = (HAND_7B["frozen"] + 5 * HAND_7B["lora"] + HAND_7B["copies"] + HAND_7B["activations"])
 
