@@ -138,18 +138,20 @@ def peft_child(spec: dict) -> None:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, loss = [], float("nan")
+    times, cpu_times, loss = [], [], float("nan")
     for i in range(spec["warmup"] + spec["steps"]):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = step()
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     step_s = statistics.median(times)
     tokens = spec["seq"] * spec["batch"]
     out = {
         "side": "peft", "dtype": mode, "attn": model.config._attn_implementation, "device": str(device),
         "threads": torch.get_num_threads(), "preset": spec["preset"], "seq": spec["seq"], "batch": spec["batch"],
         "median_step_s": step_s, "min_step_s": min(times), "step_times_s": times, "tokens_per_s": tokens / step_s,
+        "median_step_cpu_s": statistics.median(cpu_times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "build_s": build_s,
         "trainable_params": sum(p.numel() for p in trainable),
         "frozen_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype),

@@ -105,13 +105,14 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "input_ids": rng.integers(0, config.vocab_size, shape3, dtype=np.int32),
         "loss_mask": np.ones(shape3, bool), "segment_ids": np.ones(shape3, np.int32)},
         sharding.batch_sharding(mesh))
-    times = []
+    times, cpu_times = [], []
     for i in range(settings.warmup + settings.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         state, metrics = fns.train_step(state, frozen, batch)
         float(metrics.loss)  # waits for the step
         if i >= settings.warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     step_s = statistics.median(times)
     tokens = settings.seq * settings.batch * settings.grad_accum
     flops = model_flops_per_step(config, settings.seq, settings.batch * settings.grad_accum) / step_s
@@ -127,6 +128,9 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "mesh": str(shape), "devices": len(jax.devices()), "platform": device.platform,
         "compute_dtype": settings.compute_dtype, "param_dtype": settings.param_dtype, "remat": settings.remat,
         "median_step_s": step_s, "min_step_s": min(times), "tokens_per_s": tokens / step_s,
+        # CPU time of all this process's threads per step: on a shared machine it moves less with
+        # other jobs than wall time does (contention stretches a step, not the work in it)
+        "median_step_cpu_s": statistics.median(cpu_times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "frozen_bytes_per_device": bytes_on(frozen), "trainable_state_bytes_per_device": bytes_on(state),
         "params": config.param_count(), "model_flops_per_s": flops, "matmul_peak_flops_per_s": peak,

@@ -43,9 +43,11 @@ class ModelOptions:
 
 
 class Linear(hk.Module):
-    """y = x @ w (no bias), plus the LoRA update when this layer is a LoRA target. Accumulates in
-    fp32 whatever the operand dtype (fast and exact on CPUs with bf16 units, and what transformers'
-    bf16 matmuls do)."""
+    """y = x @ w (no bias), plus the LoRA update when this layer is a LoRA target.
+
+    The base matmul takes its operands in the compute dtype and accumulates in fp32, forward and
+    backward (see `_matmul`). The adapter's two thin matmuls run in fp32 from its fp32 weights, as
+    PEFT runs them: they cost r/out of the base matmul, and their gradients are the trained ones."""
 
     def __init__(self, out_features: int, options: ModelOptions, name: str, training: bool = False):
         super().__init__(name=name)
@@ -66,16 +68,35 @@ class Linear(hk.Module):
             a = hk.get_parameter("lora_a", [fan_in, lora.r], jnp.float32,
                                  init=hk.initializers.RandomUniform(-bound, bound))
             b = hk.get_parameter("lora_b", [lora.r, self.out_features], jnp.float32, init=jnp.zeros)
-            h = x
+            h = x.astype(jnp.float32)
             if self.training and lora.dropout > 0:
                 h = hk.dropout(hk.next_rng_key(), lora.dropout, h)
-            update = _matmul(_matmul(h, a.astype(cdt)).astype(cdt), b.astype(cdt))
-            y = y + lora.scale * update
+            y = y + lora.scale * _matmul(_matmul(h, a), b)
         return y.astype(cdt)
 
 
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:  # [..., in] x [in, out] -> [..., out] fp32
     return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(x, w):
+    return _matmul(x, w), (x, w)
+
+
+def _matmul_bwd(residuals, grad):
+    """The backward matmuls in the operands' dtype with fp32 accumulation, like the forward. Left to
+    autodiff, the fp32 cotangent of the fp32 output would promote the bf16 weight to fp32: every step
+    would convert the frozen weights and run the backward at fp32 speed (half the forward's on CPUs
+    with bf16 units, a quarter or less on GPUs)."""
+    x, w = residuals
+    grad = grad.astype(x.dtype)
+    dx = jnp.matmul(grad, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("...i,...o->io", x, grad, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Embed(hk.Module):
@@ -138,6 +159,89 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return idx - start_idx
 
 
+_QUERY_BLOCK = 512  # queries per block: one block's fp32 [T, S] scores are alive at a time
+
+
+def _probs(q, k, mask):
+    """Softmax attention weights [B, K, R, T, S] in fp32."""
+    scores = jnp.einsum("btkre,bske->bkrts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _attend_block(q, k, v, mask):
+    probs = _probs(q, k, mask)
+    return jnp.einsum("bkrts,bske->btkre", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def _block_grads(q, k, v, mask, out, grad):
+    """(dq, dk, dv) of one query block, dk and dv in fp32 (partial sums over the blocks)."""
+    dtype, f32 = q.dtype, jnp.float32
+    probs = _probs(q, k, mask)
+    dv = jnp.einsum("bkrts,btkre->bske", probs.astype(dtype), grad, preferred_element_type=f32)
+    dprobs = jnp.einsum("btkre,bske->bkrts", grad, v, preferred_element_type=f32)
+    # softmax backward: ds = p * (dp - sum_s p dp), and sum_s p dp = sum_e dout * out since out = p v
+    row = jnp.sum(grad.astype(f32) * out.astype(f32), axis=-1).transpose(0, 2, 3, 1)  # [B, K, R, T]
+    dscores = (probs * (dprobs - row[..., None]) * (q.shape[-1] ** -0.5)).astype(dtype)
+    dq = jnp.einsum("bkrts,bske->btkre", dscores, k, preferred_element_type=f32)
+    dk = jnp.einsum("bkrts,btkre->bske", dscores, q, preferred_element_type=f32)
+    return dq.astype(dtype), dk, dv
+
+
+def _query_blocks(t: int) -> int:
+    """Number of query blocks: T over its largest divisor not above _QUERY_BLOCK."""
+    return t // max(d for d in range(1, min(t, _QUERY_BLOCK) + 1) if t % d == 0)
+
+
+def _split(x, n):  # [B, T, ...] -> [n, B, T / n, ...]
+    return x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _join(x):  # [n, B, T / n, ...] -> [B, T, ...]
+    x = x.swapaxes(0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+@jax.custom_vjp
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention: q [B, T, K, R, E], k/v [B, S, K, E], mask [B, T, S] -> [B, T, K, R, E] in
+    q's dtype. Scores, softmax and accumulation in fp32; matmul operands in q's dtype. Long sequences
+    run in blocks of queries, so the fp32 [T, S] scores never exist whole."""
+    n = _query_blocks(q.shape[1])
+    if n == 1:
+        return _attend_block(q, k, v, mask)
+    return _join(jax.lax.map(lambda xs: _attend_block(xs[0], k, v, xs[1]), (_split(q, n), _split(mask, n))))
+
+
+def _attend_fwd(q, k, v, mask):
+    out = attend(q, k, v, mask)
+    return out, (q, k, v, mask, out)
+
+
+def _attend_bwd(residuals, grad):
+    """FlashAttention's backward, tiled over query blocks only: the [T, S] weights are recomputed from
+    q and k instead of being kept from the forward (only q, k, v and the output are), and every matmul
+    takes operands in the compute dtype with fp32 accumulation, as in the forward. Autodiff would run
+    these matmuls in fp32 on the fp32 cotangent and keep fp32 [T, S] residuals."""
+    q, k, v, mask, out = residuals
+    grad = grad.astype(q.dtype)
+    n = _query_blocks(q.shape[1])
+    if n == 1:
+        dq, dk, dv = _block_grads(q, k, v, mask, out, grad)
+    else:
+        def block(carry, xs):
+            dq, dk, dv = _block_grads(xs[0], k, v, xs[1], xs[2], xs[3])
+            return (carry[0] + dk, carry[1] + dv), dq
+
+        zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+        (dk, dv), dq = jax.lax.scan(block, zeros, tuple(_split(x, n) for x in (q, mask, out, grad)))
+        dq = _join(dq)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 class Attention(hk.Module):
     def __init__(self, config: LlamaConfig, options: ModelOptions, training: bool, name: str = "attention"):
         super().__init__(name=name)
@@ -161,11 +265,7 @@ class Attention(hk.Module):
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
         # Query head h = kv * rep + r reads KV head kv = h // rep: group queries instead of copying K/V.
         q = q.reshape(b, t, k_heads, rep, e)
-        scores = jnp.einsum("btkre,bske->bkrts", q, k, preferred_element_type=jnp.float32) * (e ** -0.5)
-        scores = jnp.where(mask[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkrts,bske->btkre", probs, v, preferred_element_type=jnp.float32)
-        out = out.astype(v.dtype).reshape(b, t, c.n_heads * e)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, t, c.n_heads * e)
         out = Linear(c.dim, o, "o_proj", self.training)(out)
         return out if cache is None else (out, (k, v))
 
@@ -231,12 +331,14 @@ def cached_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array
 
 def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
                   segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-                  training: bool = False) -> jax.Array:
+                  training: bool = False, hidden: bool = False) -> jax.Array:
     """tokens [B, T] -> logits [B, T, V] in fp32. Call inside hk.transform.
 
     segment_ids [B, T] (optional): tokens attend only within their own segment; positions default to
     each token's offset inside its segment, so packing does not change any example's logits.
     training: LoRA dropout on (needs an rng in apply).
+    hidden: return the final-normed hidden states [B, T, D] in the compute dtype instead of the
+    logits (the loss applies lm_head/w itself, chunk by chunk: see loss.py).
     """
     if segment_ids is None:
         segment_ids = jnp.zeros(tokens.shape, jnp.int32)
@@ -248,14 +350,16 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
     stack = hk.layer_stack(config.n_layers, name="layers", unroll=options.scan_unroll)
     x, *_ = stack(decoder_layer(config, options, training))(x, mask, cos, sin)
     x = RMSNorm(config.norm_eps, options, "final_norm")(x)
+    if hidden:
+        return x
     return Linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32)
 
 
 def transformed(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:
     """The pure (init, apply) pair: apply(params, rng, tokens, segment_ids=None, positions=None,
-    training=False)."""
-    return hk.transform(lambda tokens, segment_ids=None, positions=None, training=False:
-                        llama_forward(config, options, tokens, segment_ids, positions, training))
+    training=False, hidden=False)."""
+    return hk.transform(lambda tokens, segment_ids=None, positions=None, training=False, hidden=False:
+                        llama_forward(config, options, tokens, segment_ids, positions, training, hidden))
 
 
 def transformed_cached(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:

@@ -18,7 +18,9 @@ import optax
 
 from .config import LlamaConfig
 from . import sharding
+from .compiled import AheadOfTime
 from .llama import ModelOptions, transformed
+from .loss import losses_from_hidden
 from .lora import LoraSettings, merge_params, target_specs
 
 
@@ -60,19 +62,6 @@ class StepMetrics(NamedTuple):
     lr: jax.Array  # learning rate used for this step
 
 
-def token_losses(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
-                 segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of next-token NLL over target tokens, number of target tokens), in fp32.
-    Position t predicts token t+1; a target must be in the same segment as its context."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = input_ids[:, 1:]
-    mask = loss_mask[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = (logz - picked) * mask
-    return nll.sum(), mask.sum().astype(jnp.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class StepFunctions:
     init: Callable  # (lora params) -> TrainState
@@ -94,10 +83,13 @@ def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: Opti
     lr_at = schedule(optimizer)
     base_key = jax.random.PRNGKey(seed)
 
+    def losses(params, key, batch, training):
+        hidden = model.apply(params, key, batch["input_ids"], batch["segment_ids"], None, training, True)
+        return losses_from_hidden(hidden, params["lm_head"]["w"], batch["input_ids"], batch["loss_mask"],
+                                  batch["segment_ids"])
+
     def micro_loss(trainable, frozen, micro, key):
-        logits = model.apply(merge_params(frozen, trainable), key, micro["input_ids"], micro["segment_ids"],
-                             None, True)
-        return token_losses(logits, micro["input_ids"], micro["loss_mask"], micro["segment_ids"])
+        return losses(merge_params(frozen, trainable), key, micro, True)
 
     def train_step(state: TrainState, frozen, batch) -> tuple[TrainState, StepMetrics]:
         step_key = jax.random.fold_in(base_key, state.step)
@@ -121,8 +113,7 @@ def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: Opti
         return TrainState(state.step + 1, new_lora, opt_state), metrics
 
     def eval_step(trainable, frozen, batch):
-        logits = model.apply(merge_params(frozen, trainable), None, batch["input_ids"], batch["segment_ids"])
-        return token_losses(logits, batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
+        return losses(merge_params(frozen, trainable), None, batch, False)
 
     def init(trainable) -> TrainState:
         return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
@@ -138,8 +129,8 @@ def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: Opti
         jit_kwargs["out_shardings"] = (state_shardings, None)
     return StepFunctions(
         init=jax.jit(init, out_shardings=state_shardings) if mesh is not None else jax.jit(init),
-        train_step=jax.jit(train_step, donate_argnums=(0,), **jit_kwargs),
-        eval_step=jax.jit(eval_step),
+        train_step=AheadOfTime(jax.jit(train_step, donate_argnums=(0,), **jit_kwargs)),
+        eval_step=AheadOfTime(jax.jit(eval_step)),
         optimizer=tx,
         abstract_state=abstract_state,
         state_shardings=state_shardings,

@@ -1,0 +1,99 @@
+"""Next-token loss from the decoder's last hidden states, without holding the [B, T, V] logits.
+
+The output head is the largest matmul of a small Llama (V = 32000) and its fp32 logits the largest
+tensor of a step: 4 T V bytes per row, 262 MB at T = 2048, and autodiff keeps them (or their softmax)
+for the backward pass. `head_nll` walks the sequence in chunks and, when differentiated, computes the
+hidden states' gradient chunk by chunk in the forward pass itself (the loss is a sum, so its cotangent
+is one scalar that the backward pass only multiplies in): one chunk's logits are alive at a time and
+nothing is recomputed. The head weight is frozen (never a LoRA target), so it gets no gradient.
+
+Shapes: hidden [B, T, D]; w [D, V]; targets, weights [B, T].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_LOGITS_PER_CHUNK = 1 << 22  # fp32 logits of one chunk: 16 MiB (128 tokens at V = 32000)
+
+
+def next_token_targets(input_ids: jax.Array, loss_mask: jax.Array,
+                       segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Position t predicts token t+1: (targets [B, T], weights [B, T] in {0, 1} fp32). A target counts
+    when it is a loss token of the same segment as its context; the last position has none."""
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    keep = loss_mask[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    weights = jnp.concatenate([keep, jnp.zeros_like(keep[:, :1])], axis=1).astype(jnp.float32)
+    return targets, weights
+
+
+def token_losses(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                 segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token NLL over target tokens, number of target tokens) from full logits [B, T, V]:
+    the plain formulation, kept as the reference `head_nll` is tested against."""
+    targets, weights = next_token_targets(input_ids, loss_mask, segment_ids)
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weights), weights.sum()
+
+
+def chunk_length(batch: int, length: int, vocab: int) -> int:
+    """Tokens per chunk: the largest divisor of the row length whose logits fit the chunk budget."""
+    limit = max(1, _LOGITS_PER_CHUNK // (batch * vocab))
+    return max(d for d in range(1, min(length, limit) + 1) if length % d == 0)
+
+
+def _head_nll(hidden, w, targets, weights, with_grad: bool):
+    b, t, d = hidden.shape
+    vocab = w.shape[1]
+    c = chunk_length(b, t, vocab)
+
+    def chunks(x):  # [B, T, ...] -> [T / c, B, c, ...]
+        return x.reshape(b, t // c, c, *x.shape[2:]).swapaxes(0, 1)
+
+    def body(total, xs):
+        h, target, weight = xs
+        logits = jnp.matmul(h, w, preferred_element_type=jnp.float32)  # [B, c, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+        total = total + jnp.sum((lse - picked) * weight)
+        if not with_grad:
+            return total, None
+        # d nll / d logits = softmax - one_hot(target), for the weighted tokens
+        dlogits = (jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(target, vocab, dtype=jnp.float32))
+        dlogits = (dlogits * weight[..., None]).astype(h.dtype)
+        dh = jnp.matmul(dlogits, w.T, preferred_element_type=jnp.float32).astype(h.dtype)
+        return total, dh
+
+    total, dh = jax.lax.scan(body, jnp.float32(0), (chunks(hidden), chunks(targets), chunks(weights)))
+    if with_grad:
+        dh = dh.swapaxes(0, 1).reshape(b, t, d)
+    return total, dh
+
+
+@jax.custom_vjp
+def head_nll(hidden: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum over tokens of weight * -log softmax(hidden @ w)[target], fp32; matmul operands in hidden's
+    dtype with fp32 accumulation."""
+    return _head_nll(hidden, w.astype(hidden.dtype), targets, weights, with_grad=False)[0]
+
+
+def _head_nll_fwd(hidden, w, targets, weights):
+    total, dh = _head_nll(hidden, w.astype(hidden.dtype), targets, weights, with_grad=True)
+    return total, dh
+
+
+def _head_nll_bwd(dh, grad):
+    return (dh * grad.astype(dh.dtype)).astype(dh.dtype), None, None, None
+
+
+head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)
+
+
+def losses_from_hidden(hidden: jax.Array, w: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                       segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token NLL over target tokens, number of target tokens), as token_losses gives
+    from the logits hidden @ w."""
+    targets, weights = next_token_targets(input_ids, loss_mask, segment_ids)
+    return head_nll(hidden, w, targets, weights), weights.sum()
