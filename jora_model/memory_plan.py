@@ -54,12 +54,17 @@ class StepMemoryModel:
     lora_mid: int = 4  # [b,T,r] per LoRA target: x @ A (fp32)
     qkv: int = 2 + 4  # [b,T,width] of q, k and v: bf16 and the fp32 rotary result
     mlp: int = 5 * 2 + 4 * 4  # [b,T,F_m]: gate, up, silu, product in bf16 and their fp32 forms
-    scores_backward: int = 4 + 4 + 2 + 2  # [b,H_m,T,T] live in one layer's attention backward, which
-    # recomputes them (llama.attend keeps no [T,T] residual): fp32 probabilities and their gradient,
-    # bf16 probabilities and score gradient
+    scores_backward: int = 4 + 4 + 2 + 2  # [b,H_m,Tq,T] live in one layer's attention backward, which
+    # recomputes them for one block of Tq queries at a time (llama.attend keeps no [T,T] residual):
+    # fp32 probabilities and their gradient, bf16 probabilities and score gradient
+    query_block: int | None = None  # Tq: the largest divisor of T not above this; None: read
+    # llama._QUERY_BLOCK (no such constant: all T queries at once)
     logits: int = 4 + 2  # [b,c,V_m] per chunk of c tokens: fp32 logits and their bf16 gradient
-    logits_chunk: int | None = 1 << 24  # the head runs over chunks of c tokens, c the largest divisor
-    # of T with b c V at most this many logits (jora_model/loss.py); None: all T tokens at once
+    head_transpose: int = 2  # bytes per lm_head entry: the bf16 [V_m, D] transpose the chunked head
+    # reads for the hidden states' gradient (made once, before the chunk loop)
+    logits_chunk: int | None = None  # the head runs over chunks of c tokens, c the largest divisor of
+    # T with b c V at most this many logits; None: read loss._LOGITS_PER_CHUNK (no such module or
+    # constant: all T tokens at once)
     layer_weights_fp32: bool = True  # XLA's CPU compiler converts every stacked bf16 layer matrix to
     # fp32 once per step (the convert is hoisted out of the layer loop): a whole fp32 copy
     head_copies_with_accum: int = 4  # bytes per lm_head entry when grad_accum > 1: an fp32 copy
@@ -149,6 +154,25 @@ def _state_bytes(config: LlamaConfig, lora: LoraSettings, mesh: MeshShape) -> tu
     return total(state.lora, shardings.lora), total(state.opt_state, shardings.opt_state)
 
 
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _step_blocks(step: StepMemoryModel) -> tuple[int | None, int | None]:
+    """(queries per attention block, logits per loss chunk): as the step model says, else the train
+    step's own constants, so the estimate follows them when they are tuned."""
+    import importlib
+
+    def constant(module: str, name: str) -> int | None:
+        try:
+            return getattr(importlib.import_module(f"{__package__}.{module}"), name, None)
+        except ImportError:
+            return None
+
+    return (step.query_block if step.query_block is not None else constant("llama", "_QUERY_BLOCK"),
+            step.logits_chunk if step.logits_chunk is not None else constant("loss", "_LOGITS_PER_CHUNK"))
+
+
 def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: MeshShape,
                      lora: LoraSettings, grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP) -> dict[str, int]:
     """The named terms of the activation estimate, in bytes per device (see StepMemoryModel)."""
@@ -160,17 +184,18 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
     per_token = (d * step.hidden + sum(fan_in[name] for name in lora.targets) * step.dropout_input
                  + len(lora.targets) * lora.r * step.lora_mid + (h_m + 2 * k_m) * e * step.qkv + f_m * step.mlp)
     tokens = b * t
-    scores = b * h_m * t * t
+    query_block, logits_chunk = _step_blocks(step)
+    queries = t if query_block is None else _largest_divisor(t, query_block)
+    scores = b * h_m * queries * t
     chunk = t
-    if step.logits_chunk is not None:  # b and V as the step sees them: the whole batch and vocabulary
-        limit = max(1, step.logits_chunk // (batch_size * config.vocab_size))
-        chunk = max(c for c in range(1, min(t, limit) + 1) if t % c == 0)
+    if logits_chunk is not None:  # b and V as the step sees them: the whole batch and vocabulary
+        chunk = _largest_divisor(t, max(1, logits_chunk // (batch_size * config.vocab_size)))
     return {
         "saved_layer_inputs": config.n_layers * tokens * d * step.saved_input,  # remat only
         "saved_masks": config.n_layers * b * t * t * step.saved_mask,
         "layer_saved": tokens * per_token,  # per layer, without remat
         "attention_backward": scores * step.scores_backward,  # one layer's, rebuilt in its backward
-        "logits": b * chunk * v_m * step.logits,  # one chunk's
+        "logits": b * chunk * v_m * step.logits + (d * v_m * step.head_transpose if chunk < t else 0),
         "head_copies_with_accum": d * v_m * step.head_copies_with_accum if grad_accum > 1 else 0,
     }
 

@@ -29,15 +29,17 @@ QV16 = LoraSettings(r=16, alpha=16, targets=("q_proj", "v_proj"))
 D, L, F, V, H, T = 4096, 32, 11008, 32000, 32, 512
 # one rebuilt layer's backward: per token the residual stream (fp32 norms and sums 16 + bf16 inputs 4),
 # the dropped fp32 inputs of q and v, x @ A for both, q/k/v (bf16 + fp32), the MLP's gate/up/product;
-# per [head, T, T] the attention backward's recomputed weights and their gradient, fp32 and bf16
+# per [head, T, T] (one block of 512 queries) the attention backward's recomputed weights and their
+# gradient, fp32 and bf16
 LAYER_BACKWARD = T * (20 * D + 2 * 4 * D + 2 * 4 * 16 + 6 * 3 * D + 26 * F) + 12 * H * T * T
 HAND_7B = {
     "frozen": 6_738_415_616 * 2,  # the published parameter count, bf16
     "lora": L * 2 * (D * 16 + 16 * D) * 4,  # q and v: A [D,16] + B [16,D] per layer, fp32
     "copies": L * (4 * D * D + 3 * D * F) * 4,  # every layer matrix once more, in fp32
-    # remat: every layer's bf16 input and bool mask, plus the larger of the head (one chunk of all
-    # 512 tokens: 512 x 32000 <= 2^24 logits, fp32, and their bf16 gradient) and one layer's backward
-    "activations": L * T * D * 2 + L * T * T + max(T * V * (4 + 2), LAYER_BACKWARD),
+    # remat: every layer's bf16 input and bool mask, plus the larger of the head (one chunk of 128
+    # tokens: 128 x 32000 <= 2^22 logits, fp32 and their bf16 gradient, and lm_head's bf16 transpose)
+    # and one layer's backward
+    "activations": L * T * D * 2 + L * T * T + max(128 * V * (4 + 2) + D * V * 2, LAYER_BACKWARD),
 }
 HAND_7B["total"] = (HAND_7B["frozen"] + 5 * HAND_7B["lora"] + HAND_7B["copies"] + HAND_7B["activations"])
 
