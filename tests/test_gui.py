@@ -167,6 +167,70 @@ def test_stage_events_and_states():
     assert clock.eta(3, 11, now=104.0) == pytest.approx(16.0)  # 2 s a step, 8 steps left
 
 
+def _stop_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_launch_through_a_prefect_deployment(tmp_path, monkeypatch):
+    """With PREFECT_API_URL set, Launch can run a served deployment (`jora deploy`) with the form's settings;
+    its stages are followed through the server's logs."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipeline.demo import SAMPLE, TINY_MODEL
+    from pipeline.gui.runs import DeploymentRun, check_deployment
+    from stages.demo_source import make_demo_source
+
+    source = make_demo_source(SAMPLE, TINY_MODEL, tmp_path / "demo-source").out_dir
+    served_settings = tmp_path / "served.yaml"  # what the deployment was served with: the run must not use it
+    served_settings.write_text(json.dumps({"workdir": str(tmp_path / "elsewhere"), "model": {"checkpoint": "/nowhere"},
+                                           "data": {"path": "/nowhere.json"}}))
+    settings = FinetuneSettings.model_validate({
+        "workdir": str(tmp_path / "work"), "model": {"checkpoint": str(source)},
+        "data": {"path": str(SAMPLE), "max_seq_len": 512, "val_fraction": 0.1}, "lora": {"r": 4, "alpha": 8},
+        "train": {"batch_size": 4, "grad_accum": 1, "max_steps": 2, "eval_every": 0},
+        "export": {"verify": False, "peft_adapter": False}})
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    server = subprocess.Popen([JORA, "server", "--port", str(port), "--no-ui"], env=env, start_new_session=True,
+                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    served = None
+    monkeypatch.setenv("PREFECT_API_URL", api)
+    try:
+        _wait_up(f"{api}/health", server, tmp_path / "server.log")
+        served = subprocess.Popen([JORA, "deploy", "--name", "gui", "--config", served_settings], env=env,
+                                  start_new_session=True, stdout=open(tmp_path / "serve.log", "w"),
+                                  stderr=subprocess.STDOUT)
+        with temporary_settings({PREFECT_API_URL: api}):
+            deadline = time.monotonic() + 120
+            while check_deployment("finetune/gui") is not None:
+                assert served.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, check_deployment("finetune/gui")
+                time.sleep(1)
+            assert "no deployment 'finetune/other'" in check_deployment("finetune/other")
+            run = DeploymentRun(settings, "finetune/gui")
+            deadline = time.monotonic() + 400
+            while run.active and time.monotonic() < deadline:
+                time.sleep(1)
+            view = run.view()
+    finally:
+        if served is not None:
+            _stop_group(served)
+        _stop_group(server)
+    assert view.status == "succeeded", "\n".join(view.log[-30:]) + (tmp_path / "serve.log").read_text()[-3000:]
+    assert view.finished == {stage: "ran" for stage in ("convert", "tokenize", "train", "merge", "export")}
+    out = progress.outputs(tmp_path / "work")
+    assert (out.hf_model / "config.json").is_file() and out.peft_adapter is None and out.steps == 2
+    assert not (tmp_path / "elsewhere").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The real page in a real browser
 

@@ -10,6 +10,7 @@ SIGTERM, which the trainer turns into a checkpoint the next launch resumes from.
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
 import os
 import signal
@@ -117,8 +118,11 @@ class LocalRun(Run):
 
     def _follow(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self._feed(line)
+        try:
+            for line in self.process.stdout:
+                self._feed(line)
+        except Exception as exc:  # never leave the page showing a run that is not followed any more
+            self._feed(f"jora gui: stopped reading the run's output ({type(exc).__name__}: {exc})")
         code = self.process.wait()
         if code == 0:
             self._end("succeeded")
@@ -174,27 +178,56 @@ class DeploymentRun(Run):
             raise JoraError(f"could not start deployment {deployment!r}: {exc}") from None
         self.flow_run_id = flow_run.id
         super().__init__(settings, f"Prefect deployment {deployment}, flow run {flow_run.name}")
-        threading.Thread(target=self._follow, name="jora-gui-deployment", daemon=True).start()
+        # The follower talks to the same server as this call: Prefect keeps its settings in context
+        # variables, which a new thread does not inherit unless given them.
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(self._follow_safely,), name="jora-gui-deployment",
+                         daemon=True).start()
+
+    def _follow_safely(self) -> None:
+        try:
+            self._follow()
+        except Exception as exc:  # the server went away: say so rather than look busy forever
+            self._end("failed", f"lost track of the flow run on {prefect_server()}: {type(exc).__name__}: {exc}")
 
     def _follow(self) -> None:
         from prefect import get_client
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
         from prefect.client.schemas.sorting import LogSort
 
-        seen = 0
+        seen: set = set()
         log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[self.flow_run_id]))
+
+        def read_new_logs(client) -> int:
+            """Feed the logs not seen yet. All are read each time and told apart by id: a batch that arrives
+            late can sort before logs already read, and reading on from an offset would skip it."""
+            logs, offset = [], 0
+            while True:
+                page = client.read_logs(log_filter=log_filter, offset=offset, limit=200, sort=LogSort.TIMESTAMP_ASC)
+                logs += page
+                offset += len(page)
+                if len(page) < 200:
+                    break
+            new = [record for record in logs if record.id not in seen]
+            for record in new:
+                seen.add(record.id)
+                self._feed(f"{record.timestamp:%H:%M:%S} {record.message}")
+            return len(new)
+
         with get_client(sync_client=True) as client:
             while True:
                 flow_run = client.read_flow_run(self.flow_run_id)
-                while True:
-                    logs = client.read_logs(log_filter=log_filter, offset=seen, limit=200, sort=LogSort.TIMESTAMP_ASC)
-                    for record in logs:
-                        self._feed(f"{record.timestamp:%H:%M:%S} {record.message}")
-                    seen += len(logs)
-                    if len(logs) < 200:
-                        break
+                read_new_logs(client)
                 state = flow_run.state
                 if state is not None and state.is_final():
+                    # The served process sends its logs in batches, the last ones after the final state:
+                    # read until two polls in a row bring nothing new (at most about 20 s).
+                    quiet = 0
+                    for _ in range(10):
+                        time.sleep(self.POLL_SECONDS)
+                        quiet = 0 if read_new_logs(client) else quiet + 1
+                        if quiet == 2:
+                            break
                     if state.is_completed():
                         self._end("succeeded")
                     elif state.is_cancelled():
