@@ -287,7 +287,7 @@ def test_gui_runs_the_demo_in_a_browser(tmp_path):
     chromium = _browser()
     if chromium is None:
         message = ("the GUI browser test needs Playwright and a system Chromium: "
-                   "pip install 'jora[gui]' and apt-get install chromium (.ci/run does both)")
+                   "pip install -e '.[test,gui]' and apt-get install chromium (.ci/run does both)")
         if os.environ.get("JORA_REQUIRE_BROWSER"):
             pytest.fail(message)
         pytest.skip(message)
