@@ -42,6 +42,20 @@ class ModelOptions:
     lora: LoraSettings | None = None  # adapters on the targeted linear layers
 
 
+def as_bits(params: dict) -> dict:
+    """bf16 parameters as their uint16 bit patterns, for apply. XLA's CPU backend upcasts a bf16
+    dynamic-slice to fp32, so slicing the stacked [L, ...] layer weights for the layer scan made it
+    convert every frozen weight to fp32 and back, every step (5-8% of a step at `small`); slicing
+    integers does not. `_get_parameter` turns them back into bf16, a free bitcast."""
+    return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a,
+                        params)
+
+
+def _get_parameter(name, shape, dtype, init):
+    value = hk.get_parameter(name, shape, dtype, init=init)
+    return jax.lax.bitcast_convert_type(value, jnp.bfloat16) if value.dtype == jnp.uint16 else value
+
+
 class Linear(hk.Module):
     """y = x @ w (no bias), plus the LoRA update when this layer is a LoRA target.
 
@@ -57,7 +71,7 @@ class Linear(hk.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
         fan_in = x.shape[-1]
-        w = hk.get_parameter("w", [fan_in, self.out_features], jnp.dtype(self.options.param_dtype),
+        w = _get_parameter("w", [fan_in, self.out_features], jnp.dtype(self.options.param_dtype),
                              init=hk.initializers.RandomNormal(stddev=fan_in ** -0.5))
         cdt = jnp.dtype(self.options.compute_dtype)
         x = x.astype(cdt)
@@ -105,7 +119,7 @@ class Embed(hk.Module):
         self.shape, self.options = (vocab_size, dim), options
 
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        table = hk.get_parameter("embeddings", self.shape, jnp.dtype(self.options.param_dtype),
+        table = _get_parameter("embeddings", self.shape, jnp.dtype(self.options.param_dtype),
                                  init=hk.initializers.RandomNormal(1.0))
         return jnp.take(table, tokens, axis=0).astype(self.options.compute_dtype)
 
@@ -117,7 +131,7 @@ class RMSNorm(hk.Module):
         self.options = options
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
-        scale = hk.get_parameter("scale", [x.shape[-1]], jnp.dtype(self.options.param_dtype), init=jnp.ones)
+        scale = _get_parameter("scale", [x.shape[-1]], jnp.dtype(self.options.param_dtype), init=jnp.ones)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         cdt = jnp.dtype(self.options.compute_dtype)

@@ -19,7 +19,7 @@ import optax
 from .config import LlamaConfig
 from . import sharding
 from .compiled import AheadOfTime
-from .llama import ModelOptions, transformed
+from .llama import ModelOptions, as_bits, transformed
 from .loss import losses_from_hidden
 from .lora import LoraSettings, merge_params, target_specs
 
@@ -84,7 +84,7 @@ def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: Opti
     base_key = jax.random.PRNGKey(seed)
 
     def losses(params, key, batch, training):
-        hidden = model.apply(params, key, batch["input_ids"], batch["segment_ids"], None, training, True)
+        hidden = model.apply(as_bits(params), key, batch["input_ids"], batch["segment_ids"], None, training, True)
         return losses_from_hidden(hidden, params["lm_head"]["w"], batch["input_ids"], batch["loss_mask"],
                                   batch["segment_ids"])
 
