@@ -65,8 +65,9 @@ class StepMemoryModel:
     logits_chunk: int | None = None  # the head runs over chunks of c tokens, c the largest divisor of
     # T with b c V at most this many logits; None: read loss._LOGITS_PER_CHUNK (no such module or
     # constant: all T tokens at once)
-    layer_weights_fp32: bool = True  # XLA's CPU compiler converts every stacked bf16 layer matrix to
-    # fp32 once per step (the convert is hoisted out of the layer loop): a whole fp32 copy
+    layer_weight_copy: int = 2  # bytes per entry of the stacked layer matrices: XLA's CPU compiler
+    # hoists one copy of every stacked matrix out of the layer loop (2: the step slices them as uint16
+    # bits; it was an fp32 copy, 4, before the step did)
     head_copies_with_accum: int = 4  # bytes per lm_head entry when grad_accum > 1: an fp32 copy
     # hoisted out of the micro-batch loop
 
@@ -88,7 +89,7 @@ class MemoryPlan:
     optimizer_bytes_per_device: int  # AdamW's fp32 moments and step counters
     gradient_bytes_per_device: int  # fp32 LoRA gradients: the accumulator and the micro-batch's own
     batch_bytes_per_device: int  # input ids, loss mask and segment ids of the step
-    weight_copy_bytes_per_device: int  # fp32 copies of the frozen layer weights the backward matmuls read
+    weight_copy_bytes_per_device: int  # the copy of the stacked layer weights XLA's CPU compiler makes
     activation_bytes_per_device: int  # estimated activations for the remat setting asked
     activation_bytes_remat: int  # the same with remat
     activation_bytes_no_remat: int  # and without
@@ -226,8 +227,7 @@ def plan_memory(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: Mes
     frozen = sum(math.prod(shape) for shape in shards.values()) * itemsize
     layer_matrices = sum(math.prod(shape) for path, shape in shards.items()
                          if path.startswith("layers/") and path.endswith("/w"))
-    # fp32 weights need no fp32 copy (assumed: only bf16 weights were measured)
-    copies = layer_matrices * 4 if step.layer_weights_fp32 and param_dtype == "bfloat16" else 0
+    copies = layer_matrices * step.layer_weight_copy * itemsize // 2  # measured with bf16 weights only
     lora_bytes, optimizer_bytes = _state_bytes(config, lora, mesh)
     rows = (batch_size // mesh.data) * grad_accum
     batch_bytes = rows * seq_len * (4 + 1 + 4)  # int32 ids, bool mask, int32 segment ids

@@ -19,7 +19,7 @@ _ROWS = (  # (label, MemoryPlan field)
     ("LoRA weights (fp32)", "lora_bytes_per_device"),
     ("optimizer state (AdamW, fp32)", "optimizer_bytes_per_device"),
     ("LoRA gradients (fp32)", "gradient_bytes_per_device"),
-    ("fp32 weight copies (XLA CPU)", "weight_copy_bytes_per_device"),
+    ("layer weight copy (XLA CPU)", "weight_copy_bytes_per_device"),
     ("batch", "batch_bytes_per_device"),
 )
 
@@ -75,12 +75,12 @@ def _table(plan, title: str) -> str:
 @click.option("--device-memory", default=None, help="memory per device, e.g. 80GB or 80GiB: says whether it fits.")
 @click.option("--devices", type=click.IntRange(min=1), default=None,
               help="with --device-memory: list the meshes over this many devices that fit, best first.")
-@click.option("--fp32-weight-copies/--no-fp32-weight-copies", default=True, show_default=True,
-              help="count the fp32 copy of the layer weights that XLA's CPU compiler makes (measured on CPU; "
+@click.option("--weight-copies/--no-weight-copies", default=True, show_default=True,
+              help="count the copy of the layer weights that XLA's CPU compiler makes (measured on CPU; "
                    "unchecked on GPUs).")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table.")
 def plan_command(preset_name, store, seq, batch, grad_accum, mesh, lora_r, targets, remat, param_dtype,
-                 device_memory, devices, fp32_weight_copies, as_json) -> None:
+                 device_memory, devices, weight_copies, as_json) -> None:
     """Bytes per device of LoRA training: frozen weights, LoRA, optimizer state, activations; and
     whether it fits. Computed from shapes: nothing is allocated."""
     from jora_model.lora import LoraSettings
@@ -92,7 +92,7 @@ def plan_command(preset_name, store, seq, batch, grad_accum, mesh, lora_r, targe
     lora = LoraSettings(r=lora_r, alpha=lora_r, targets=tuple(t.strip() for t in targets.split(",") if t.strip()))
     memory = parse_bytes(device_memory) if device_memory is not None else None
     common = dict(seq_len=seq, batch_size=batch, lora=lora, remat=remat, param_dtype=param_dtype,
-                  grad_accum=grad_accum, step=dataclasses.replace(DEFAULT_STEP, layer_weights_fp32=fp32_weight_copies))
+                  grad_accum=grad_accum, step=DEFAULT_STEP if weight_copies else dataclasses.replace(DEFAULT_STEP, layer_weight_copy=0))
     if devices is not None:
         if memory is None:
             raise JoraError("--devices lists the meshes that fit: give --device-memory too")
