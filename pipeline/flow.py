@@ -17,6 +17,9 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "jora")
+# Prefect gives its temporary local server 20 s to start; on a busy machine (seen at load 8 on 2 cores)
+# that fails a whole run before any stage starts.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 import base64  # noqa: E402
 import fcntl  # noqa: E402
