@@ -7,7 +7,7 @@ relative to that file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -100,6 +100,15 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}" + (f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else "")
 
 
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """raw["train"]["lr"] = value for dotted "train.lr", making the sections it lacks."""
+    section = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        section = section.setdefault(part, {})
+    section[leaf] = value
+
+
 def load_settings(path: Path, overrides: dict | None = None) -> FinetuneSettings:
     import yaml
 
@@ -115,11 +124,7 @@ def load_settings(path: Path, overrides: dict | None = None) -> FinetuneSettings
     if not isinstance(raw, dict):
         raise JoraError("expected a mapping of settings", path)
     for dotted, value in (overrides or {}).items():
-        section = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            section = section.setdefault(part, {})
-        section[leaf] = value
+        set_dotted(raw, dotted, value)
     try:
         settings = FinetuneSettings.model_validate(raw)
     except ValidationError as exc:

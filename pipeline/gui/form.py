@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from jora_model.layout import LINEAR_NAMES
-from pipeline.settings import FinetuneSettings
+from pipeline.settings import FinetuneSettings, set_dotted
 
 EXAMPLE_YAML = Path(__file__).resolve().parents[1] / "finetune.example.yaml"
 
@@ -161,11 +161,7 @@ def from_form(fields: list[FormField], values: list[Any], base: Path) -> tuple[F
                 errors[field.name] = f"a whole number is needed here, not {value}"
                 continue
             value = int(float(value))
-        section = raw
-        *parents, leaf = field.name.split(".")
-        for part in parents:
-            section = section.setdefault(part, {})
-        section[leaf] = value
+        set_dotted(raw, field.name, value)
     try:
         settings = FinetuneSettings.model_validate(raw)
     except ValidationError as exc:
