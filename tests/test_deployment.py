@@ -5,8 +5,6 @@ process stopped afterwards."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +15,9 @@ import yaml
 
 from pipeline.demo import SAMPLE, TINY_MODEL
 from stages.demo_source import make_demo_source
+from tests.processes import free_port, stop_group
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, process, timeout: float = 90) -> None:
@@ -40,16 +33,6 @@ def _wait_healthy(url: str, process, timeout: float = 90) -> None:
     raise AssertionError("the Prefect server did not become healthy")
 
 
-def _stop(process) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def test_served_deployment_runs_on_trigger(tmp_path):
     source = make_demo_source(SAMPLE, TINY_MODEL, tmp_path / "demo-source").out_dir
     config = tmp_path / "finetune.yaml"
@@ -58,7 +41,7 @@ def test_served_deployment_runs_on_trigger(tmp_path):
         "data": {"path": str(SAMPLE), "max_seq_len": 512, "val_fraction": 0.1},
         "lora": {"r": 4, "alpha": 8}, "train": {"batch_size": 4, "grad_accum": 1, "max_steps": 2, "eval_every": 0},
         "export": {"verify": False}}))
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
@@ -91,6 +74,6 @@ def test_served_deployment_runs_on_trigger(tmp_path):
         assert '"steps": 1' in (work / "train" / "jora-manifest.json").read_text()  # the --param override applied
     finally:
         if served is not None:
-            _stop(served)
-        _stop(server)
+            stop_group(served)
+        stop_group(server)
     assert server.poll() is not None and (served is None or served.poll() is not None)

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 from pipeline.gui import checks, progress
 from pipeline.gui.form import form_fields, from_form, grouped, to_form
 from pipeline.settings import FinetuneSettings
+from tests.processes import free_port, stop_group
 
 JORA = Path(sys.executable).with_name("jora")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -167,16 +167,6 @@ def test_stage_events_and_states():
     assert clock.eta(3, 11, now=104.0) == pytest.approx(16.0)  # 2 s a step, 8 steps left
 
 
-def _stop_group(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def test_launch_through_a_prefect_deployment(tmp_path, monkeypatch):
     """With PREFECT_API_URL set, Launch can run a served deployment (`jora deploy`) with the form's settings;
     its stages are followed through the server's logs."""
@@ -195,7 +185,7 @@ def test_launch_through_a_prefect_deployment(tmp_path, monkeypatch):
         "data": {"path": str(SAMPLE), "max_seq_len": 512, "val_fraction": 0.1}, "lora": {"r": 4, "alpha": 8},
         "train": {"batch_size": 4, "grad_accum": 1, "max_steps": 2, "eval_every": 0},
         "export": {"verify": False, "peft_adapter": False}})
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
@@ -222,8 +212,8 @@ def test_launch_through_a_prefect_deployment(tmp_path, monkeypatch):
             view = run.view()
     finally:
         if served is not None:
-            _stop_group(served)
-        _stop_group(server)
+            stop_group(served)
+        stop_group(server)
     assert view.status == "succeeded", "\n".join(view.log[-30:]) + (tmp_path / "serve.log").read_text()[-3000:]
     assert view.finished == {stage: "ran" for stage in ("convert", "tokenize", "train", "merge", "export")}
     out = progress.outputs(tmp_path / "work")
@@ -241,12 +231,6 @@ def _browser() -> str | None:
     except ImportError:
         return None
     return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -293,7 +277,7 @@ def test_gui_runs_the_demo_in_a_browser(tmp_path):
         pytest.skip(message)
     from playwright.sync_api import expect, sync_playwright
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "GRADIO_ANALYTICS_ENABLED": "False"}
     env.pop("PREFECT_API_URL", None)

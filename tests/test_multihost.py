@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import tiny_data, tiny_store
+from tests.processes import free_port
 
 JORA = Path(sys.executable).with_name("jora")
 STEPS = 8
@@ -34,12 +34,6 @@ RUN_TIMEOUT = 300  # seconds for one run (two processes) on two loaded cores; ~5
 EXIT_BOUND = 10 + 30  # after a peer dies: the heartbeat timeout plus slack for a loaded machine
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(devices: int, cache: Path) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -49,7 +43,7 @@ class Pair:
     """Two `jora train` processes of one run; their output goes to files (pipes could fill and block)."""
 
     def __init__(self, store: Path, data: Path, out: Path, logs: Path):
-        port = _free_port()
+        port = free_port()
         logs.mkdir(parents=True, exist_ok=True)
         self.logs = [(logs / f"p{i}.out", logs / f"p{i}.err") for i in range(2)]
         self.procs = []
@@ -222,7 +216,7 @@ def test_partial_multihost_flags_are_one_line_errors(inputs):
 def test_no_coordinator_is_one_line_after_the_join_timeout():
     """A process that cannot reach process 0 says so (JAX itself would abort with a C++ fatal error)."""
     code = ("from jora_model.distributed import DistributedSettings, initialize\n"
-            f"initialize(DistributedSettings('127.0.0.1:{_free_port()}', 2, 1, init_timeout_s=2))")
+            f"initialize(DistributedSettings('127.0.0.1:{free_port()}', 2, 1, init_timeout_s=2))")
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "JoraError: no coordinator answered at 127.0.0.1:" in out.stderr, out.stderr
