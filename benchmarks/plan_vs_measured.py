@@ -55,13 +55,12 @@ COMPILE_ONLY = {("small", 4096, 1, 1, True, "data=1,model=8")}  # 8 virtual devi
 CHILD = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
-    import jax, jax.numpy as jnp
+    import jax
     from jora_model import sharding
     from jora_model.bench import random_frozen
     from jora_model.config import preset
-    from jora_model.layout import param_specs
     from jora_model.lora import LoraSettings, init_lora_params
-    from jora_model.train import OptimizerSettings, make_step_functions
+    from jora_model.train import OptimizerSettings, abstract_arguments, make_step_functions
 
     name, seq, batch, accum, remat, mesh_text, run_steps = json.loads(sys.argv[1])
     config = preset(name)
@@ -69,17 +68,8 @@ CHILD = textwrap.dedent("""
     shape = sharding.MeshShape.parse(mesh_text)
     mesh = sharding.make_mesh(shape)
     fns = make_step_functions(config, lora, OptimizerSettings(total_steps=10), "bfloat16", remat, mesh=mesh)
-    frozen = {}
-    for spec in param_specs(config):
-        frozen.setdefault(spec.module, {})[spec.name] = jax.ShapeDtypeStruct(
-            spec.shape, jnp.bfloat16, sharding=sharding.param_sharding(mesh, spec.path, spec.shape))
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         fns.abstract_state, fns.state_shardings)
     shape3 = (accum, batch, seq)
-    where = sharding.batch_sharding(mesh)
-    batch_abstract = {k: jax.ShapeDtypeStruct(shape3, dt, sharding=where)
-                      for k, dt in (("input_ids", jnp.int32), ("loss_mask", jnp.bool_), ("segment_ids", jnp.int32))}
-    memory = fns.train_step.lower(state, frozen, batch_abstract).compile().memory_analysis()
+    memory = fns.train_step.lower(*abstract_arguments(config, fns, mesh, shape3)).compile().memory_analysis()
     out = {"argument": memory.argument_size_in_bytes, "temp": memory.temp_size_in_bytes,
            "output": memory.output_size_in_bytes, "alias": memory.alias_size_in_bytes}
     if run_steps:

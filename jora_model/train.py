@@ -135,3 +135,21 @@ def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: Opti
         abstract_state=abstract_state,
         state_shardings=state_shardings,
     )
+
+
+def abstract_arguments(config: LlamaConfig, fns: StepFunctions, mesh: Any, batch_shape: tuple[int, int, int],
+                       param_dtype: str = "bfloat16") -> tuple[Any, dict, dict]:
+    """(state, frozen, batch) for train_step as ShapeDtypeStructs placed by the sharding rules, batch
+    [A, B, T]: what the step compiles for, with nothing allocated (memory analysis, planning)."""
+    from .layout import param_specs
+
+    frozen: dict[str, dict[str, Any]] = {}
+    for spec in param_specs(config):
+        frozen.setdefault(spec.module, {})[spec.name] = jax.ShapeDtypeStruct(
+            spec.shape, jnp.dtype(param_dtype), sharding=sharding.param_sharding(mesh, spec.path, spec.shape))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         fns.abstract_state, fns.state_shardings)
+    where = sharding.batch_sharding(mesh)
+    batch = {name: jax.ShapeDtypeStruct(batch_shape, dtype, sharding=where)
+             for name, dtype in (("input_ids", jnp.int32), ("loss_mask", jnp.bool_), ("segment_ids", jnp.int32))}
+    return state, frozen, batch

@@ -159,25 +159,15 @@ def test_bad_settings_are_one_line_and_exit_2(args, message, tmp_path, monkeypat
 def _compiled_temp_bytes(name: str, seq: int, remat: bool) -> int:
     """XLA's temp bytes for the real train step (one device), compiled for abstract arguments."""
     import jax
-    import jax.numpy as jnp
 
     from jora_model import sharding
-    from jora_model.layout import param_specs
-    from jora_model.train import OptimizerSettings, make_step_functions
+    from jora_model.train import OptimizerSettings, abstract_arguments, make_step_functions
 
     config = preset(name)
     mesh = sharding.make_mesh(MeshShape(1, 1), jax.devices()[:1])
     fns = make_step_functions(config, QV16, OptimizerSettings(), "bfloat16", remat, mesh=mesh)
-    frozen = {}
-    for spec in param_specs(config):
-        frozen.setdefault(spec.module, {})[spec.name] = jax.ShapeDtypeStruct(
-            spec.shape, jnp.bfloat16, sharding=sharding.param_sharding(mesh, spec.path, spec.shape))
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         fns.abstract_state, fns.state_shardings)
-    where = sharding.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((1, 1, seq), dt, sharding=where)
-             for k, dt in (("input_ids", jnp.int32), ("loss_mask", jnp.bool_), ("segment_ids", jnp.int32))}
-    return fns.train_step.lower(state, frozen, batch).compile().memory_analysis().temp_size_in_bytes
+    arguments = abstract_arguments(config, fns, mesh, (1, 1, seq))
+    return fns.train_step.lower(*arguments).compile().memory_analysis().temp_size_in_bytes
 
 
 @pytest.mark.parametrize("remat", [True, False])
