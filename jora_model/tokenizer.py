@@ -57,14 +57,15 @@ class Tokenizer:
         self.path = resolve_tokenizer(path)
         self._sp = sentencepiece.SentencePieceProcessor()
         try:
-            self._sp.Load(str(self.path))
+            model = self.path.read_bytes()  # read once: the word encoder below parses the same bytes
+            self._sp.LoadFromSerializedProto(model)
         except (OSError, RuntimeError):
             raise JoraError("not a SentencePiece model (corrupt or wrong file)", self.path) from None
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
             raise JoraError("SentencePiece model has no bos or eos piece", self.path)
         self.vocab_size = self._sp.GetPieceSize()
-        self._words, self._dummy_prefix = _word_encoder(self.path)
+        self._words, self._dummy_prefix = _word_encoder(model)
         self._exact: dict[str, bytes] = {}  # word (its leading spaces included) -> int32 ids
         self._spaced: dict[str, bytes] = {}  # word without spaces -> int32 ids of " " + word
 
@@ -119,7 +120,7 @@ class Tokenizer:
         return self._sp.IdToPiece(int(token_id))
 
 
-def _word_encoder(path: Path):
+def _word_encoder(serialized: bytes):
     """A SentencePiece processor for single words (no dummy prefix) and whether the model adds one, when
     encoding word by word gives the model's own ids; (None, False) when it might not."""
     import sentencepiece
@@ -129,7 +130,7 @@ def _word_encoder(path: Path):
     except ImportError:  # protobuf missing: whole-text encoding is still exact
         return None, False
     model = sentencepiece_model_pb2.ModelProto()
-    model.ParseFromString(path.read_bytes())
+    model.ParseFromString(serialized)
     normalizer, trainer = model.normalizer_spec, model.trainer_spec
     bpe = trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
     plain_spaces = (normalizer.name == "identity" and not normalizer.precompiled_charsmap
