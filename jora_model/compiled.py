@@ -36,9 +36,9 @@ class AheadOfTime:
     def __call__(self, *args):
         import jax
 
-        key = tuple((getattr(leaf, "shape", None), str(getattr(leaf, "dtype", type(leaf))),
-                     str(getattr(leaf, "sharding", None))) for leaf in jax.tree.leaves(args))
-        key = (jax.tree.structure(args), key)
+        leaves, structure = jax.tree.flatten(args)
+        key = (structure, *((getattr(leaf, "shape", None), getattr(leaf, "dtype", type(leaf)),
+                             getattr(leaf, "sharding", None)) for leaf in leaves))
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self.jitted.lower(*args).compile()
