@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .blocks import largest_divisor
 from .config import LlamaConfig
 from .lora import LoraSettings
 
@@ -204,7 +205,7 @@ def _block_grads(q, k, v, mask, out, grad):
 
 def _query_blocks(t: int) -> int:
     """Number of query blocks: T over its largest divisor not above _QUERY_BLOCK."""
-    return t // max(d for d in range(1, min(t, _QUERY_BLOCK) + 1) if t % d == 0)
+    return t // largest_divisor(t, _QUERY_BLOCK)
 
 
 def _split(x, n):  # [B, T, ...] -> [n, B, T / n, ...]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .blocks import largest_divisor
+
 _LOGITS_PER_CHUNK = 1 << 22  # fp32 logits of one chunk: 16 MiB (128 tokens at V = 32000)
 
 
@@ -40,8 +42,7 @@ def token_losses(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
 
 def chunk_length(batch: int, length: int, vocab: int) -> int:
     """Tokens per chunk: the largest divisor of the row length whose logits fit the chunk budget."""
-    limit = max(1, _LOGITS_PER_CHUNK // (batch * vocab))
-    return max(d for d in range(1, min(length, limit) + 1) if length % d == 0)
+    return largest_divisor(length, _LOGITS_PER_CHUNK // (batch * vocab))
 
 
 def _head_nll(hidden, w, targets, weights, with_grad: bool):

@@ -25,6 +25,7 @@ import math
 import re
 from typing import Any
 
+from .blocks import largest_divisor
 from .config import LlamaConfig
 from .errors import JoraError
 from .layout import param_specs
@@ -155,10 +156,6 @@ def _state_bytes(config: LlamaConfig, lora: LoraSettings, mesh: MeshShape) -> tu
     return total(state.lora, shardings.lora), total(state.opt_state, shardings.opt_state)
 
 
-def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
 def _step_blocks(step: StepMemoryModel) -> tuple[int | None, int | None]:
     """(queries per attention block, logits per loss chunk): as the step model says, else the train
     step's own constants, so the estimate follows them when they are tuned."""
@@ -186,11 +183,11 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
                  + len(lora.targets) * lora.r * step.lora_mid + (h_m + 2 * k_m) * e * step.qkv + f_m * step.mlp)
     tokens = b * t
     query_block, logits_chunk = _step_blocks(step)
-    queries = t if query_block is None else _largest_divisor(t, query_block)
+    queries = t if query_block is None else largest_divisor(t, query_block)
     scores = b * h_m * queries * t
     chunk = t
     if logits_chunk is not None:  # b and V as the step sees them: the whole batch and vocabulary
-        chunk = _largest_divisor(t, max(1, logits_chunk // (batch_size * config.vocab_size)))
+        chunk = largest_divisor(t, max(1, logits_chunk // (batch_size * config.vocab_size)))
     return {
         "saved_layer_inputs": config.n_layers * tokens * d * step.saved_input,  # remat only
         "saved_masks": config.n_layers * b * t * t * step.saved_mask,
