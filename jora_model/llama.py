@@ -27,12 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .blocks import largest_divisor
+from .attention import SAVED_NAME, Visibility, attend
 from .config import LlamaConfig
 from .lora import LoraSettings
-
-_MASKED = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
@@ -44,17 +41,30 @@ class ModelOptions:
 
 
 def as_bits(params: dict) -> dict:
-    """bf16 parameters as their uint16 bit patterns, for apply. XLA's CPU backend upcasts a bf16
-    dynamic-slice to fp32, so slicing the stacked [L, ...] layer weights for the layer scan made it
-    convert every frozen weight to fp32 and back, every step (5-8% of a step at `small`); slicing
-    integers does not. `_get_parameter` turns them back into bf16, a free bitcast."""
-    return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a,
-                        params)
+    """The stacked layer weights in bf16 as their uint16 bit patterns, for apply. XLA's CPU backend
+    upcasts a bf16 dynamic-slice to fp32, so slicing the stacked [L, ...] weights for the layer scan
+    made it convert every frozen weight to fp32 and back, every step (5-8% of a step at `small`);
+    slicing integers does not. `_get_parameter` turns them back into bf16, a free bitcast. Inside a
+    step the conversion itself still costs a copy of every stacked weight (XLA materialises it before
+    the loop), so callers that can hand the step its frozen weights as bits already
+    (`store.load_params(bits=True)`); this is then a no-op. Unstacked weights (embedding, head) stay
+    bf16: they are not sliced, and a bitcast there would cost the copy for nothing."""
+    return {module: {name: jax.lax.bitcast_convert_type(a, jnp.uint16)
+                     if module.startswith(STACK_NAME + "/") and a.dtype == jnp.bfloat16 else a
+                     for name, a in leaves.items()}
+            for module, leaves in params.items()}
+
+
+def from_bits(a: jax.Array) -> jax.Array:
+    """The bf16 array whose bit patterns `a` holds (as_bits' inverse); other arrays as they are."""
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
 
 
 def _get_parameter(name, shape, dtype, init):
-    value = hk.get_parameter(name, shape, dtype, init=init)
-    return jax.lax.bitcast_convert_type(value, jnp.bfloat16) if value.dtype == jnp.uint16 else value
+    return from_bits(hk.get_parameter(name, shape, dtype, init=init))
+
+
+STACK_NAME = "layers"  # the layer stack's module name: its parameters are [L, ...]
 
 
 class Linear(hk.Module):
@@ -156,14 +166,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # 
     return out.astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, T, T] boolean: causal, and only within the same segment (packed examples stay apart)."""
-    t = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return causal[None] & same
-
-
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
     """Position of each token inside its own segment, so a packed example sees positions 0, 1, ..."""
     t = segment_ids.shape[-1]
@@ -174,97 +176,14 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return idx - start_idx
 
 
-_QUERY_BLOCK = 512  # queries per block: one block's fp32 [T, S] scores are alive at a time
-
-
-def _probs(q, k, mask):
-    """Softmax attention weights [B, K, R, T, S] in fp32."""
-    scores = jnp.einsum("btkre,bske->bkrts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    return jax.nn.softmax(scores, axis=-1)
-
-
-def _attend_block(q, k, v, mask):
-    probs = _probs(q, k, mask)
-    return jnp.einsum("bkrts,bske->btkre", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
-
-
-def _block_grads(q, k, v, mask, out, grad):
-    """(dq, dk, dv) of one query block, dk and dv in fp32 (partial sums over the blocks)."""
-    dtype, f32 = q.dtype, jnp.float32
-    probs = _probs(q, k, mask)
-    dv = jnp.einsum("bkrts,btkre->bske", probs.astype(dtype), grad, preferred_element_type=f32)
-    dprobs = jnp.einsum("btkre,bske->bkrts", grad, v, preferred_element_type=f32)
-    # softmax backward: ds = p * (dp - sum_s p dp), and sum_s p dp = sum_e dout * out since out = p v
-    row = jnp.sum(grad.astype(f32) * out.astype(f32), axis=-1).transpose(0, 2, 3, 1)  # [B, K, R, T]
-    dscores = (probs * (dprobs - row[..., None]) * (q.shape[-1] ** -0.5)).astype(dtype)
-    dq = jnp.einsum("bkrts,bske->btkre", dscores, k, preferred_element_type=f32)
-    dk = jnp.einsum("bkrts,btkre->bske", dscores, q, preferred_element_type=f32)
-    return dq.astype(dtype), dk, dv
-
-
-def _query_blocks(t: int) -> int:
-    """Number of query blocks: T over its largest divisor not above _QUERY_BLOCK."""
-    return t // largest_divisor(t, _QUERY_BLOCK)
-
-
-def _split(x, n):  # [B, T, ...] -> [n, B, T / n, ...]
-    return x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]).swapaxes(0, 1)
-
-
-def _join(x):  # [n, B, T / n, ...] -> [B, T, ...]
-    x = x.swapaxes(0, 1)
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
-
-
-@jax.custom_vjp
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention: q [B, T, K, R, E], k/v [B, S, K, E], mask [B, T, S] -> [B, T, K, R, E] in
-    q's dtype. Scores, softmax and accumulation in fp32; matmul operands in q's dtype. Long sequences
-    run in blocks of queries, so the fp32 [T, S] scores never exist whole."""
-    n = _query_blocks(q.shape[1])
-    if n == 1:
-        return _attend_block(q, k, v, mask)
-    return _join(jax.lax.map(lambda xs: _attend_block(xs[0], k, v, xs[1]), (_split(q, n), _split(mask, n))))
-
-
-def _attend_fwd(q, k, v, mask):
-    out = attend(q, k, v, mask)
-    return out, (q, k, v, mask, out)
-
-
-def _attend_bwd(residuals, grad):
-    """FlashAttention's backward, tiled over query blocks only: the [T, S] weights are recomputed from
-    q and k instead of being kept from the forward (only q, k, v and the output are), and every matmul
-    takes operands in the compute dtype with fp32 accumulation, as in the forward. Autodiff would run
-    these matmuls in fp32 on the fp32 cotangent and keep fp32 [T, S] residuals."""
-    q, k, v, mask, out = residuals
-    grad = grad.astype(q.dtype)
-    n = _query_blocks(q.shape[1])
-    if n == 1:
-        dq, dk, dv = _block_grads(q, k, v, mask, out, grad)
-    else:
-        def block(carry, xs):
-            dq, dk, dv = _block_grads(xs[0], k, v, xs[1], xs[2], xs[3])
-            return (carry[0] + dk, carry[1] + dv), dq
-
-        zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-        (dk, dv), dq = jax.lax.scan(block, zeros, tuple(_split(x, n) for x in (q, mask, out, grad)))
-        dq = _join(dq)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-attend.defvjp(_attend_fwd, _attend_bwd)
-
-
 class Attention(hk.Module):
     def __init__(self, config: LlamaConfig, options: ModelOptions, training: bool, name: str = "attention"):
         super().__init__(name=name)
         self.c, self.o, self.training = config, options, training
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array,
+    def __call__(self, x: jax.Array, visibility: Visibility, cos: jax.Array, sin: jax.Array,
                  cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
-        """mask [B, T, S]. With `cache` ([B, S, K, E] keys and values of this layer), the new keys and
+        """visibility: which keys each query sees (attention.py). With `cache` ([B, S, K, E] keys and values of this layer), the new keys and
         values are written at cache_index and attention runs over the whole cache; returns
         (output, updated cache) then, else the output alone."""
         c, o = self.c, self.o
@@ -280,7 +199,7 @@ class Attention(hk.Module):
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
         # Query head h = kv * rep + r reads KV head kv = h // rep: group queries instead of copying K/V.
         q = q.reshape(b, t, k_heads, rep, e)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, t, c.n_heads * e)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), visibility, cache is None).reshape(b, t, c.n_heads * e)
         out = Linear(c.dim, o, "o_proj", self.training)(out)
         return out if cache is None else (out, (k, v))
 
@@ -298,13 +217,17 @@ class MLP(hk.Module):
 
 
 def decoder_layer(config: LlamaConfig, options: ModelOptions, training: bool) -> Callable:
-    def layer(x, mask, cos, sin):
+    def layer(x, visibility, cos, sin):
         attention = Attention(config, options, training)
-        h = x + attention(RMSNorm(config.norm_eps, options, "attention_norm")(x), mask, cos, sin)
+        h = x + attention(RMSNorm(config.norm_eps, options, "attention_norm")(x), visibility, cos, sin)
         out = h + MLP(config, options, training)(RMSNorm(config.norm_eps, options, "ffn_norm")(h))
-        return out, mask, cos, sin
+        return out, visibility, cos, sin
 
-    return hk.remat(layer) if options.remat else layer
+    # A rematerialised layer keeps its input and attention's output and row statistics (one more
+    # [B, T, D] and two [B, H, T] per layer): its backward then recomputes the projections and
+    # elementwise work, but not attention's forward, which its own backward pass does not need.
+    policy = jax.checkpoint_policies.save_only_these_names(SAVED_NAME)
+    return hk.remat(layer, policy=policy) if options.remat else layer
 
 
 class KVCache(NamedTuple):
@@ -327,18 +250,19 @@ def cached_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array
     x = Embed(config.vocab_size, config.dim, options)(tokens)
     cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
     # a query sees every cached key at or before its own position (later slots are empty or stale)
-    mask = jnp.arange(length)[None, None, :] <= positions[:, :, None]
+    slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (tokens.shape[0], length))
+    visibility = Visibility(positions, slots, jnp.zeros_like(positions), jnp.zeros_like(slots))
 
     def layer(x, per_layer):
         k_cache, v_cache = per_layer
         attention = Attention(config, options, False)
-        h, (k_new, v_new) = attention(RMSNorm(config.norm_eps, options, "attention_norm")(x), mask, cos, sin,
+        h, (k_new, v_new) = attention(RMSNorm(config.norm_eps, options, "attention_norm")(x), visibility, cos, sin,
                                       (k_cache, v_cache), cache_index)
         h = x + h
         out = h + MLP(config, options, False)(RMSNorm(config.norm_eps, options, "ffn_norm")(h))
         return out, (k_new, v_new)
 
-    stack = hk.layer_stack(config.n_layers, with_per_layer_inputs=True, name="layers")
+    stack = hk.layer_stack(config.n_layers, with_per_layer_inputs=True, name=STACK_NAME)
     x, (k_all, v_all) = stack(layer)(x, (cache.k, cache.v))
     x = RMSNorm(config.norm_eps, options, "final_norm")(x)
     return Linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32), KVCache(k_all, v_all)
@@ -361,9 +285,9 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
         positions = segment_positions(segment_ids)
     x = Embed(config.vocab_size, config.dim, options)(tokens)
     cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
-    mask = attention_mask(segment_ids)
-    stack = hk.layer_stack(config.n_layers, name="layers", unroll=options.scan_unroll)
-    x, *_ = stack(decoder_layer(config, options, training))(x, mask, cos, sin)
+    visibility = Visibility.causal(segment_ids)
+    stack = hk.layer_stack(config.n_layers, name=STACK_NAME, unroll=options.scan_unroll)
+    x, *_ = stack(decoder_layer(config, options, training))(x, visibility, cos, sin)
     x = RMSNorm(config.norm_eps, options, "final_norm")(x)
     if hidden:
         return x

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jora_model import llama, loss
+from jora_model import attention, llama, loss
 from jora_model.lora import LoraSettings, init_lora_params, merge_params
 from jora_model.store import Store, load_params
 from jora_model.train import OptimizerSettings, make_step_functions
@@ -48,31 +48,38 @@ def test_custom_matmul_backward_equals_autodiff_in_fp32():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("block", [512, 4, 1])  # one block of queries; 2 blocks; 8 blocks
-def test_attention_backward_equals_autodiff_in_fp32(monkeypatch, block):
-    """Grouped queries (K=2 KV heads, R=3 queries each), two packed segments and padding."""
-    monkeypatch.setattr(llama, "_QUERY_BLOCK", block)
-    assert llama._query_blocks(8) == 8 // min(block, 8)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block", [512, 4, 1])  # one block of queries (4 if causal); 2 blocks; 8 blocks
+def test_attention_backward_equals_autodiff_in_fp32(monkeypatch, block, causal):
+    """Grouped queries (K=2 KV heads, R=3 queries each), two packed segments and padding. causal=True
+    skips the key blocks past each query block's end; the result must not change."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+    assert 8 // attention.block_length(8, causal) == (max(8 // block, 4) if causal else 8 // min(block, 8))
     rng = np.random.default_rng(1)
     b, t, k_heads, rep, e = 2, 8, 2, 3, 8
     q = jnp.asarray(rng.normal(size=(b, t, k_heads, rep, e)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, t, k_heads, e)), jnp.float32) for _ in range(2))
     segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 0, 0], [1] * 8])
-    mask = llama.attention_mask(segments)
+    visibility = attention.Visibility.causal(segments)
+    # the reference mask, written out: causal, and within a segment
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & (segments[:, :, None] == segments[:, None, :])
     probe = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
 
-    def plain(q, k, v, mask):
+    def plain(q, k, v):
         scores = jnp.einsum("btkre,bske->bkrts", q, k) * e ** -0.5
         probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, -1e30), axis=-1)
         return jnp.einsum("bkrts,bske->btkre", probs, v)
 
-    def loss(attend):
-        return lambda q, k, v: jnp.sum(jnp.tanh(attend(q, k, v, mask)) * probe)
+    def ours(q, k, v):
+        return attention.attend(q, k, v, visibility, causal)
 
-    np.testing.assert_allclose(llama.attend(q, k, v, mask), plain(q, k, v, mask), rtol=1e-5, atol=1e-6)
-    ours = jax.grad(loss(llama.attend), argnums=(0, 1, 2))(q, k, v)
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(jnp.tanh(attend(q, k, v)) * probe)
+
+    np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+    mine = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
     reference = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
-    for a, b_ in zip(ours, reference):
+    for a, b_ in zip(mine, reference):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
 
 
@@ -90,9 +97,8 @@ def _dots(jaxpr) -> list:
     return found
 
 
-def test_backward_matmuls_of_the_frozen_weights_stay_in_bf16(store):
-    """The issue's profile: autodiff promoted the bf16 weights to fp32 in the backward pass, so the
-    'bf16' step ran at fp32 speed. Every matmul that reads a frozen weight must take it in bf16."""
+def _step_dots(store) -> tuple[list, dict]:
+    """(every dot_general of a bf16, remat, LoRA gradient over 16 tokens of the tiny model, its frozen weights)."""
     frozen = _frozen(store, jnp.bfloat16)
     config = Store(store).config
     lora = LoraSettings(r=4, alpha=8, dropout=0.0)
@@ -103,7 +109,13 @@ def test_backward_matmuls_of_the_frozen_weights_stay_in_bf16(store):
     def loss(t):
         return model.apply(merge_params(frozen, t), None, tokens).sum()
 
-    dots = _dots(jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr)
+    return _dots(jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr), frozen
+
+
+def test_backward_matmuls_of_the_frozen_weights_stay_in_bf16(store):
+    """The issue's profile: autodiff promoted the bf16 weights to fp32 in the backward pass, so the
+    'bf16' step ran at fp32 speed. Every matmul that reads a frozen weight must take it in bf16."""
+    dots, frozen = _step_dots(store)
     weight_shapes = {leaf.shape[-2:] for leaf in jax.tree.leaves(frozen) if leaf.ndim >= 2}
     weight_shapes |= {s[::-1] for s in weight_shapes}  # transposed in the backward
     on_weights = [e for e in dots if any(v.aval.shape[-2:] in weight_shapes and v.aval.ndim == 2
@@ -115,6 +127,21 @@ def test_backward_matmuls_of_the_frozen_weights_stay_in_bf16(store):
     attention = [e for e in dots if any(v.aval.ndim == 5 for v in e.invars)]
     assert len(attention) >= 2 + 4
     assert all(v.aval.dtype == jnp.bfloat16 for e in attention for v in e.invars), [str(e)[:200] for e in attention]
+
+
+def test_remat_does_not_recompute_attention_forward(store):
+    """A rematerialised layer keeps attention's output and row statistics, so its backward pass runs
+    attention's two forward matmuls once (the forward) and its own five (llama.decoder_layer): per
+    query block, 7 batched matmuls in the differentiated layer body. Recomputing the forward would
+    make it 9, and skipping no key blocks would make the blocks' keys longer, not fewer."""
+    dots, _ = _step_dots(store)
+    batched = [e for e in dots if e.params["dimension_numbers"][1][0]]  # attention's; projections have none
+    blocks = 16 // attention.block_length(16, causal=True)
+    assert blocks == 4
+    assert len(batched) == 7 * blocks, len(batched)
+    # the causal blocks read only the keys up to their own end: 4, 8, 12 and 16 of them
+    key_lengths = sorted({v.aval.shape[1] for e in batched for v in e.invars if v.aval.ndim == 4})  # k, v [B,S,K,E]
+    assert key_lengths == [4, 8, 12, 16], key_lengths
 
 
 def test_fast_step_follows_the_fp32_reference_for_50_steps(store):

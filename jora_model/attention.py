@@ -1,0 +1,181 @@
+"""Grouped-query softmax attention with its own backward pass.
+
+Shapes: q [B, T, K, R, E] (query head h = kv * R + r reads KV head kv), k and v [B, S, K, E].
+Which keys a query sees is given by `Visibility` (indices and segment ids), never by a [B, T, S]
+mask: the mask of one block is rebuilt where it is used, from O(T) integers, so nothing of size T^2
+is kept between layers or between the forward and the backward pass.
+
+Causal self-attention (training) is cut into query blocks, and block i reads only keys up to its
+own end: the key blocks after the diagonal are fully masked, so they are skipped instead of
+computed and thrown away (at 4 blocks this is 10 of 16 tiles; at 8, 36 of 64). Scores, softmax and
+accumulation are fp32; matmul operands stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from .blocks import largest_divisor
+
+_MASKED = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
+QUERY_BLOCK = 512  # most queries per block: one block's fp32 [Tq, S] scores are alive at a time
+CAUSAL_BLOCKS = 4  # causal attention cuts T into at least this many query blocks (T permitting)
+SAVED_NAME = "attention_output"  # checkpoint name of what a rematerialised layer keeps of attention
+
+
+class Visibility(NamedTuple):
+    """Key s is visible to query t when k_index[s] <= q_index[t] and k_segment[s] == q_segment[t].
+    All [B, T] or [B, S] int32."""
+    q_index: jax.Array
+    k_index: jax.Array
+    q_segment: jax.Array
+    k_segment: jax.Array
+
+    @staticmethod
+    def causal(segment_ids: jax.Array) -> "Visibility":
+        """Self-attention over [B, T] tokens: each sees itself and earlier tokens of its segment."""
+        index = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32), segment_ids.shape)
+        return Visibility(index, index, segment_ids, segment_ids)
+
+    def rows(self, start: int, stop: int) -> "Visibility":
+        return self._replace(q_index=self.q_index[:, start:stop], q_segment=self.q_segment[:, start:stop])
+
+    def keys(self, stop: int) -> "Visibility":
+        return self._replace(k_index=self.k_index[:, :stop], k_segment=self.k_segment[:, :stop])
+
+    def mask(self) -> jax.Array:  # [B, T, S] bool
+        return ((self.k_index[:, None, :] <= self.q_index[:, :, None])
+                & (self.k_segment[:, None, :] == self.q_segment[:, :, None]))
+
+
+def block_length(t: int, causal: bool) -> int:
+    """Queries per block: at most QUERY_BLOCK, and for causal attention small enough for
+    CAUSAL_BLOCKS blocks, so that the skipped tiles above the diagonal are worth skipping."""
+    limit = min(QUERY_BLOCK, -(-t // CAUSAL_BLOCKS)) if causal else QUERY_BLOCK
+    return largest_divisor(t, limit)
+
+
+def _scores(q, k, visibility):
+    """Scaled, masked attention scores [B, K, R, T, S] in fp32."""
+    scores = jnp.einsum("btkre,bske->bkrts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    return jnp.where(visibility.mask()[:, None, None], scores, _MASKED)
+
+
+def _attend_block(q, k, v, visibility):
+    """(output [B, T, K, R, E] in q's dtype, row max and row sum of exp(scores - max), [B, K, R, T] fp32).
+    The output is normalised after the value matmul: T x E divisions instead of T x S."""
+    scores = _scores(q, k, visibility)
+    top = jnp.max(scores, axis=-1)
+    weights = jnp.exp(scores - top[..., None])
+    total = jnp.sum(weights, axis=-1)
+    out = jnp.einsum("bkrts,bske->btkre", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / total.transpose(0, 3, 1, 2)[..., None]).astype(q.dtype), top, total
+
+
+def _block_grads(q, k, v, visibility, out, top, total, grad):
+    """(dq, dk, dv) of one query block, dk and dv in fp32 (partial sums over the blocks). The
+    forward's row statistics give the softmax in one pass over the scores, without its reductions."""
+    dtype, f32 = q.dtype, jnp.float32
+    probs = jnp.exp(_scores(q, k, visibility) - top[..., None]) * (1.0 / total)[..., None]
+    dv = jnp.einsum("bkrts,btkre->bske", probs.astype(dtype), grad, preferred_element_type=f32)
+    dprobs = jnp.einsum("btkre,bske->bkrts", grad, v, preferred_element_type=f32)
+    # softmax backward: ds = p * (dp - sum_s p dp), and sum_s p dp = sum_e dout * out since out = p v
+    row = jnp.sum(grad.astype(f32) * out.astype(f32), axis=-1).transpose(0, 2, 3, 1)  # [B, K, R, T]
+    dscores = (probs * (dprobs - row[..., None]) * (q.shape[-1] ** -0.5)).astype(dtype)
+    dq = jnp.einsum("bkrts,bske->btkre", dscores, k, preferred_element_type=f32)
+    dk = jnp.einsum("bkrts,btkre->bske", dscores, q, preferred_element_type=f32)
+    return dq.astype(dtype), dk, dv
+
+
+def _split(x, n):  # [B, T, ...] -> [n, B, T / n, ...]
+    return x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _join(x):  # [n, B, T / n, ...] -> [B, T, ...]
+    x = x.swapaxes(0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _forward(q, k, v, visibility, causal):
+    """(output, row max, row sum) over all query blocks: the output [B, T, K, R, E], the statistics
+    [B, K, R, T]."""
+    t = q.shape[1]
+    n = t // block_length(t, causal)
+    if n == 1:
+        return _attend_block(q, k, v, visibility)
+    if causal:
+        size = t // n
+        blocks = [_attend_block(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size], v[:, :(i + 1) * size],
+                                visibility.rows(i * size, (i + 1) * size).keys((i + 1) * size))
+                  for i in range(n)]
+        return (jnp.concatenate([b[0] for b in blocks], axis=1),
+                *(jnp.concatenate([b[j] for b in blocks], axis=-1) for j in (1, 2)))
+    out, top, total = jax.lax.map(
+        lambda xs: _attend_block(xs[0], k, v, visibility._replace(q_index=xs[1], q_segment=xs[2])),
+        (_split(q, n), _split(visibility.q_index, n), _split(visibility.q_segment, n)))
+    stats = lambda x: jnp.moveaxis(x, 0, -2).reshape(*x.shape[1:-1], t)  # noqa: E731  [n,B,K,R,T/n] -> [B,K,R,T]
+    return _join(out), stats(top), stats(total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility, causal: bool = False) -> jax.Array:
+    """Attention output [B, T, K, R, E] in q's dtype. causal=True promises what Visibility.causal
+    gives (S = T, indices 0..T-1 on both sides), so keys past a query block's end are never read."""
+    return _forward(q, k, v, visibility, causal)[0]
+
+
+def _attend_fwd(q, k, v, visibility, causal):
+    out, top, total = _forward(q, k, v, visibility, causal)
+    # Named, so that a rematerialised layer can keep them (SAVED_NAME) and skip attention's forward
+    out, top, total = (checkpoint_name(x, SAVED_NAME) for x in (out, top, total))
+    return out, (q, k, v, visibility, out, top, total)
+
+
+def _attend_bwd(causal, residuals, grad):
+    """FlashAttention's backward, tiled over query blocks: the [T, S] weights are recomputed from q
+    and k and the forward's row statistics instead of being kept from the forward (only q, k, v, the
+    output and [T] statistics are), and every matmul takes operands in the compute dtype with fp32
+    accumulation, as in the forward. Autodiff would run these matmuls in fp32 on the fp32 cotangent
+    and keep fp32 [T, S] residuals."""
+    q, k, v, visibility, out, top, total = residuals
+    grad = grad.astype(q.dtype)
+    t = q.shape[1]
+    n = t // block_length(t, causal)
+    no_grads = jax.tree.map(lambda _: None, visibility)
+    if n == 1:
+        dq, dk, dv = _block_grads(q, k, v, visibility, out, top, total, grad)
+    elif causal:
+        size = t // n
+        dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+        dqs = []
+        for i in range(n):
+            rows, end = slice(i * size, (i + 1) * size), (i + 1) * size
+            dq_i, dk_i, dv_i = _block_grads(q[:, rows], k[:, :end], v[:, :end], visibility.rows(i * size, end).keys(end),
+                                            out[:, rows], top[..., rows], total[..., rows], grad[:, rows])
+            dqs.append(dq_i)
+            dk, dv = dk.at[:, :end].add(dk_i), dv.at[:, :end].add(dv_i)
+        dq = jnp.concatenate(dqs, axis=1)
+    else:
+        def block(carry, xs):
+            q_i, q_index, q_segment, out_i, top_i, total_i, grad_i = xs
+            rows = visibility._replace(q_index=q_index, q_segment=q_segment)
+            dq_i, dk_i, dv_i = _block_grads(q_i, k, v, rows, out_i, top_i, total_i, grad_i)
+            return (carry[0] + dk_i, carry[1] + dv_i), dq_i
+
+        def stats(x):  # [B, K, R, T] -> [n, B, K, R, T / n]
+            return jnp.moveaxis(x.reshape(*x.shape[:-1], n, t // n), -2, 0)
+
+        zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+        (dk, dv), dq = jax.lax.scan(block, zeros, (
+            *(_split(x, n) for x in (q, visibility.q_index, visibility.q_segment, out)),
+            stats(top), stats(total), _split(grad, n)))
+        dq = _join(dq)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), no_grads
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
