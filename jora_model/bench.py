@@ -62,7 +62,8 @@ def matmul_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
 
 
 def random_frozen(config: LlamaConfig, mesh, dtype: str, seed: int = 0) -> dict:
-    """Random base weights, std 1/sqrt(fan_in), created on their devices already sharded."""
+    """Random base weights, std 1/sqrt(fan_in), created on their devices already sharded; bf16 ones
+    layer weights as their bit patterns, as the trainer loads them (store.load_params(bits=True))."""
     import jax
     import jax.numpy as jnp
 
@@ -79,6 +80,8 @@ def random_frozen(config: LlamaConfig, mesh, dtype: str, seed: int = 0) -> dict:
             std = 1.0 if spec.name == "embeddings" else spec.shape[-2] ** -0.5
             make = lambda k=jax.random.fold_in(key, i), shape=spec.shape, std=std: (  # noqa: E731
                 jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
+        if spec.stacked and jnp.dtype(dtype) == jnp.bfloat16:
+            make = lambda make=make: jax.lax.bitcast_convert_type(make(), jnp.uint16)  # noqa: E731
         params.setdefault(spec.module, {})[spec.name] = jax.jit(make, out_shardings=target)()
     return params
 

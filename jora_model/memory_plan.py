@@ -42,13 +42,15 @@ class StepMemoryModel:
     """What one micro-batch's forward and backward keep, in bytes per element of each shape.
 
     Without remat every layer keeps its forward intermediates (none of them [T,T]) until its backward.
-    With remat each layer keeps only its input, and one layer at a time is rebuilt for its backward.
-    Either way the peak comes inside one layer's backward or at the head (one chunk's logits),
-    whichever is larger: both are never live at once. Read off XLA's buffer assignment of the step (CPU).
+    With remat each layer keeps its input and attention's output and row statistics, and one layer at a
+    time is rebuilt for its backward. Either way the peak comes inside one layer's backward or at the
+    head (one chunk's logits), whichever is larger: both are never live at once. Read off XLA's buffer
+    assignment of the step (CPU).
     """
     saved_input: int = 2  # [b,T,D] layer input kept per layer under remat (bf16)
-    saved_mask: int = 1  # [b,T,T] per layer: the attention mask rides the layer scan's carry, so the
-    # scan keeps one bool copy per layer, with or without remat
+    saved_attention: int = 2  # [b,T,H_m E] attention output kept per layer under remat (bf16), and
+    saved_statistics: int = 4 + 4  # [b,H_m,T] its row max and row sum (fp32): the rebuilt layer skips
+    # attention's forward (attention.SAVED_NAME)
     hidden: int = 4 * 4 + 2 * 2  # [b,T,D] per layer: RMSNorm's fp32 upcasts and fp32 residual sums,
     # the two normalised inputs in bf16
     dropout_input: int = 4  # [b,T,in] per LoRA target: its dropped-out input (fp32), kept for dA
@@ -56,19 +58,22 @@ class StepMemoryModel:
     qkv: int = 2 + 4  # [b,T,width] of q, k and v: bf16 and the fp32 rotary result
     mlp: int = 5 * 2 + 4 * 4  # [b,T,F_m]: gate, up, silu, product in bf16 and their fp32 forms
     scores_backward: int = 4 + 4 + 2 + 2  # [b,H_m,Tq,T] live in one layer's attention backward, which
-    # recomputes them for one block of Tq queries at a time (llama.attend keeps no [T,T] residual):
+    # recomputes them for one block of Tq queries at a time (attention.attend keeps no [T,T] residual):
     # fp32 probabilities and their gradient, bf16 probabilities and score gradient
-    query_block: int | None = None  # Tq: the largest divisor of T not above this; None: read
-    # llama._QUERY_BLOCK (no such constant: all T queries at once)
+    query_block: int | None = None  # Tq: the largest divisor of T not above this; None: the causal
+    # block length attention.block_length gives
     logits: int = 4 + 2  # [b,c,V_m] per chunk of c tokens: fp32 logits and their bf16 gradient
     head_transpose: int = 2  # bytes per lm_head entry: the bf16 [V_m, D] transpose the chunked head
     # reads for the hidden states' gradient (made once, before the chunk loop)
     logits_chunk: int | None = None  # the head runs over chunks of c tokens, c the largest divisor of
     # T with b c V at most this many logits; None: read loss._LOGITS_PER_CHUNK (no such module or
     # constant: all T tokens at once)
-    layer_weight_copy: int = 2  # bytes per entry of the stacked layer matrices: XLA's CPU compiler
-    # hoists one copy of every stacked matrix out of the layer loop (2: the step slices them as uint16
-    # bits; it was an fp32 copy, 4, before the step did)
+    layer_weight_copy: int = 0  # bytes per entry of the stacked layer matrices that a copy of them
+    # costs. XLA's CPU compiler copied every stacked matrix before the layer loop when the step
+    # converted them (to fp32, then to uint16 bits); the trainer now hands the step the bits as loaded
+    # (store.load_params(bits=True)), and the compiled step with remat holds no copy
+    layer_weight_copy_no_remat: int = 2  # the same without remat: XLA's CPU compiler still makes one
+    # (measured at `small`: a constant ~2 bytes per layer-matrix entry on top of the per-token terms)
     head_copies_with_accum: int = 4  # bytes per lm_head entry when grad_accum > 1: an fp32 copy
     # hoisted out of the micro-batch loop
 
@@ -156,10 +161,12 @@ def _state_bytes(config: LlamaConfig, lora: LoraSettings, mesh: MeshShape) -> tu
     return total(state.lora, shardings.lora), total(state.opt_state, shardings.opt_state)
 
 
-def _step_blocks(step: StepMemoryModel) -> tuple[int | None, int | None]:
-    """(queries per attention block, logits per loss chunk): as the step model says, else the train
-    step's own constants, so the estimate follows them when they are tuned."""
+def _step_blocks(step: StepMemoryModel, t: int) -> tuple[int, int | None]:
+    """(queries per attention block, logits per loss chunk): as the step model says, else what the
+    train step itself uses, so the estimate follows the step's constants when they are tuned."""
     import importlib
+
+    from .attention import block_length
 
     def constant(module: str, name: str) -> int | None:
         try:
@@ -167,8 +174,8 @@ def _step_blocks(step: StepMemoryModel) -> tuple[int | None, int | None]:
         except ImportError:
             return None
 
-    return (step.query_block if step.query_block is not None else constant("llama", "_QUERY_BLOCK"),
-            step.logits_chunk if step.logits_chunk is not None else constant("loss", "_LOGITS_PER_CHUNK"))
+    queries = largest_divisor(t, step.query_block) if step.query_block is not None else block_length(t, causal=True)
+    return queries, step.logits_chunk if step.logits_chunk is not None else constant("loss", "_LOGITS_PER_CHUNK")
 
 
 def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: MeshShape,
@@ -182,15 +189,15 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
     per_token = (d * step.hidden + sum(fan_in[name] for name in lora.targets) * step.dropout_input
                  + len(lora.targets) * lora.r * step.lora_mid + (h_m + 2 * k_m) * e * step.qkv + f_m * step.mlp)
     tokens = b * t
-    query_block, logits_chunk = _step_blocks(step)
-    queries = t if query_block is None else largest_divisor(t, query_block)
+    queries, logits_chunk = _step_blocks(step, t)
     scores = b * h_m * queries * t
     chunk = t
     if logits_chunk is not None:  # b and V as the step sees them: the whole batch and vocabulary
         chunk = largest_divisor(t, max(1, logits_chunk // (batch_size * config.vocab_size)))
     return {
         "saved_layer_inputs": config.n_layers * tokens * d * step.saved_input,  # remat only
-        "saved_masks": config.n_layers * b * t * t * step.saved_mask,
+        "saved_attention": config.n_layers * tokens * h_m * (e * step.saved_attention + step.saved_statistics),
+
         "layer_saved": tokens * per_token,  # per layer, without remat
         "attention_backward": scores * step.scores_backward,  # one layer's, rebuilt in its backward
         "logits": b * chunk * v_m * step.logits + (d * v_m * step.head_transpose if chunk < t else 0),
@@ -201,10 +208,10 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
 def combine_activations(terms: dict[str, int], n_layers: int, remat: bool) -> int:
     """Activation bytes from the terms: the head and one layer's backward are never live at once, so
     only the larger counts; without remat every layer's intermediates are live at both."""
-    common = terms["saved_masks"] + terms["head_copies_with_accum"]
+    common = terms["head_copies_with_accum"]
     if remat:  # one layer rebuilt: its intermediates and its attention backward
         layer = terms["layer_saved"] + terms["attention_backward"]
-        return common + terms["saved_layer_inputs"] + max(terms["logits"], layer)
+        return common + terms["saved_layer_inputs"] + terms["saved_attention"] + max(terms["logits"], layer)
     return common + n_layers * terms["layer_saved"] + max(terms["logits"], terms["attention_backward"])
 
 
@@ -224,7 +231,8 @@ def plan_memory(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: Mes
     frozen = sum(math.prod(shape) for shape in shards.values()) * itemsize
     layer_matrices = sum(math.prod(shape) for path, shape in shards.items()
                          if path.startswith("layers/") and path.endswith("/w"))
-    copies = layer_matrices * step.layer_weight_copy * itemsize // 2  # measured with bf16 weights only
+    copy_bytes = step.layer_weight_copy if remat else step.layer_weight_copy_no_remat
+    copies = layer_matrices * copy_bytes * itemsize // 2  # measured with bf16 weights only
     lora_bytes, optimizer_bytes = _state_bytes(config, lora, mesh)
     rows = (batch_size // mesh.data) * grad_accum
     batch_bytes = rows * seq_len * (4 + 1 + 4)  # int32 ids, bool mask, int32 segment ids

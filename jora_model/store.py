@@ -150,9 +150,12 @@ class Store:
 ShardingFor = Callable[[str, tuple[int, ...]], Any]  # (param path, shape) -> jax.sharding.Sharding
 
 
-def load_params(store: Store, sharding_for: ShardingFor | None = None) -> dict[str, dict[str, Any]]:
+def load_params(store: Store, sharding_for: ShardingFor | None = None,
+                bits: bool = False) -> dict[str, dict[str, Any]]:
     """The Haiku parameter tree, each leaf placed by `sharding_for(path, shape)` (default: the first
-    device). Every device receives only the slice its sharding gives it, read straight from the files."""
+    device). Every device receives only the slice its sharding gives it, read straight from the files.
+    bits: the stacked layer weights in bf16 arrive as their uint16 bit patterns (llama.as_bits), the
+    form the train step slices without copying; reinterpreting them on the host costs nothing."""
     import jax
 
     if sharding_for is None:
@@ -161,7 +164,10 @@ def load_params(store: Store, sharding_for: ShardingFor | None = None) -> dict[s
     params: dict[str, dict[str, Any]] = {}
     for spec in param_specs(store.config):
         sharding = sharding_for(spec.path, spec.shape)
-        array = jax.make_array_from_callback(spec.shape, sharding,
-                                             lambda index, spec=spec: store.read_param(spec, index))
+        def read(index, spec=spec):
+            data = store.read_param(spec, index)
+            return data.view(np.uint16) if bits and spec.stacked and data.dtype.name == "bfloat16" else data
+
+        array = jax.make_array_from_callback(spec.shape, sharding, read)
         params.setdefault(spec.module, {})[spec.name] = array
     return params

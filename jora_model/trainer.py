@@ -274,7 +274,7 @@ def _run(store_path, data_dir, work_dir, settings: TrainSettings, base_hash, ini
     else:
         lora_init = init_lora_params(config, settings.lora, settings.seed)
 
-    frozen = load_params(store, lambda path, shape: sharding.param_sharding(mesh, path, shape))
+    frozen = load_params(store, lambda path, shape: sharding.param_sharding(mesh, path, shape), bits=True)
     store.close()
     optimizer = OptimizerSettings(lr=settings.lr, warmup_steps=round(settings.warmup_ratio * total_steps),
                                   total_steps=total_steps, weight_decay=settings.weight_decay,

@@ -6,7 +6,6 @@ jora_model.memory_plan; this module only parses options and prints.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -45,7 +44,8 @@ def _model(preset_name: str | None, store: Path | None):
 
 def _table(plan, title: str) -> str:
     lines = [title, f"{'':32s}{'per device':>13s}"]
-    lines += [f"  {label:30s}{_gib(getattr(plan, field))}" for label, field in _ROWS]
+    lines += [f"  {label:30s}{_gib(getattr(plan, field))}" for label, field in _ROWS
+              if field != "weight_copy_bytes_per_device" or plan.weight_copy_bytes_per_device]
     mode = "with remat" if plan.remat else "without remat"
     lines.append(f"  {'activations (' + mode + ')':30s}{_gib(plan.activation_bytes_per_device)}")
     lines.append(f"  {'total':30s}{_gib(plan.total_bytes_per_device)}")
@@ -75,16 +75,13 @@ def _table(plan, title: str) -> str:
 @click.option("--device-memory", default=None, help="memory per device, e.g. 80GB or 80GiB: says whether it fits.")
 @click.option("--devices", type=click.IntRange(min=1), default=None,
               help="with --device-memory: list the meshes over this many devices that fit, best first.")
-@click.option("--weight-copies/--no-weight-copies", default=True, show_default=True,
-              help="count the copy of the layer weights that XLA's CPU compiler makes (measured on CPU; "
-                   "unchecked on GPUs).")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table.")
 def plan_command(preset_name, store, seq, batch, grad_accum, mesh, lora_r, targets, remat, param_dtype,
-                 device_memory, devices, weight_copies, as_json) -> None:
+                 device_memory, devices, as_json) -> None:
     """Bytes per device of LoRA training: frozen weights, LoRA, optimizer state, activations; and
     whether it fits. Computed from shapes: nothing is allocated."""
     from jora_model.lora import LoraSettings
-    from jora_model.memory_plan import DEFAULT_STEP, meshes_that_fit, parse_bytes, plan_memory
+    from jora_model.memory_plan import meshes_that_fit, parse_bytes, plan_memory
     from jora_model.sharding import MeshShape
 
     config, stored_dtype, name = _model(preset_name, store)
@@ -92,7 +89,7 @@ def plan_command(preset_name, store, seq, batch, grad_accum, mesh, lora_r, targe
     lora = LoraSettings(r=lora_r, alpha=lora_r, targets=tuple(t.strip() for t in targets.split(",") if t.strip()))
     memory = parse_bytes(device_memory) if device_memory is not None else None
     common = dict(seq_len=seq, batch_size=batch, lora=lora, remat=remat, param_dtype=param_dtype,
-                  grad_accum=grad_accum, step=DEFAULT_STEP if weight_copies else dataclasses.replace(DEFAULT_STEP, layer_weight_copy=0))
+                  grad_accum=grad_accum)
     if devices is not None:
         if memory is None:
             raise JoraError("--devices lists the meshes that fit: give --device-memory too")
