@@ -90,20 +90,22 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     import jax
 
     from . import sharding
-    from .train import OptimizerSettings, make_step_functions
+    from .train import OptimizerSettings, abstract_arguments, make_step_functions
     from .trainer import _mesh_shape
 
     config = preset(settings.preset)
     shape = _mesh_shape(settings.mesh)
     sharding.check_divisible(config, shape, settings.batch)
     mesh = sharding.make_mesh(shape)
-    frozen = random_frozen(config, mesh, settings.param_dtype)
-    lora = init_lora_params(config, settings.lora, 0)
     optimizer = OptimizerSettings(total_steps=settings.steps + settings.warmup)
     fns = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype, settings.remat, mesh=mesh)
+    shape3 = (settings.grad_accum, settings.batch, settings.seq)
+    # compiled before the weights exist, as the trainer does (see AheadOfTime.prepare)
+    fns.train_step.prepare(*abstract_arguments(config, fns, mesh, shape3, settings.param_dtype))
+    frozen = random_frozen(config, mesh, settings.param_dtype)
+    lora = init_lora_params(config, settings.lora, 0)
     state = fns.init(jax.device_put(lora, fns.state_shardings.lora))
     rng = np.random.default_rng(0)
-    shape3 = (settings.grad_accum, settings.batch, settings.seq)
     batch = jax.device_put({
         "input_ids": rng.integers(0, config.vocab_size, shape3, dtype=np.int32),
         "loss_mask": np.ones(shape3, bool), "segment_ids": np.ones(shape3, np.int32)},
@@ -116,6 +118,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         if i >= settings.warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
+    if fns.train_step.compiled_signatures != 1:  # the prepared program must be the one that ran
+        raise RuntimeError(f"the step compiled {fns.train_step.compiled_signatures} times; expected once")
     step_s = statistics.median(times)
     tokens = settings.seq * settings.batch * settings.grad_accum
     flops = model_flops_per_step(config, settings.seq, settings.batch * settings.grad_accum) / step_s

@@ -233,7 +233,7 @@ def _run(store_path, data_dir, work_dir, settings: TrainSettings, base_hash, ini
     from . import distributed, sharding
     from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
     from .store import Store, load_params
-    from .train import OptimizerSettings, make_step_functions
+    from .train import OptimizerSettings, abstract_arguments, make_step_functions
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -274,8 +274,6 @@ def _run(store_path, data_dir, work_dir, settings: TrainSettings, base_hash, ini
     else:
         lora_init = init_lora_params(config, settings.lora, settings.seed)
 
-    frozen = load_params(store, lambda path, shape: sharding.param_sharding(mesh, path, shape), bits=True)
-    store.close()
     optimizer = OptimizerSettings(lr=settings.lr, warmup_steps=round(settings.warmup_ratio * total_steps),
                                   total_steps=total_steps, weight_decay=settings.weight_decay,
                                   max_grad_norm=settings.max_grad_norm)
@@ -302,6 +300,17 @@ def _run(store_path, data_dir, work_dir, settings: TrainSettings, base_hash, ini
     else:
         state = fns.init(distributed.place(lora_init, fns.state_shardings.lora))
     step = int(state.step)
+    prepare = getattr(fns.train_step, "prepare", None)  # AheadOfTime's; a wrapped step has none
+    if step < total_steps and prepare is not None:
+        # Compile the first step before the weights are loaded, so that the compiler's working memory
+        # (a few hundred MB) and the weights never add up. A second reader from the same position
+        # gives the first batch's length without moving the real one.
+        ahead = iter(BatchReader(train_dir, batch_settings, position=reader.position, rows=my_rows))
+        length = _stack([next(ahead) for _ in range(settings.grad_accum)])["input_ids"].shape[2]
+        prepare(*abstract_arguments(config, fns, mesh, (settings.grad_accum, settings.batch_size, length),
+                                    store.dtype.name))
+    frozen = load_params(store, lambda path, shape: sharding.param_sharding(mesh, path, shape), bits=True)
+    store.close()
     metrics_log = MetricsLog(work_dir, step, enabled=team.is_leader)
 
     def checkpoint() -> None:
