@@ -51,6 +51,10 @@ class StepMemoryModel:
     saved_attention: int = 2  # [b,T,H_m E] attention output kept per layer under remat (bf16), and
     saved_statistics: int = 4 + 4  # [b,H_m,T] its row max and row sum (fp32): the rebuilt layer skips
     # attention's forward (attention.SAVED_NAME)
+    saved_upcast: int = 4  # per element of both saved stacks above ([L,b,T,D] and [L,b,T,H_m E]): XLA's
+    # CPU compiler converts each bf16 stack to fp32 whole before the backward loop slices it, as it did
+    # the stacked weights (measured on CPU; the weights avoid it as uint16 bits, which a differentiated
+    # carry cannot be)
     hidden: int = 4 * 4 + 2 * 2  # [b,T,D] per layer: RMSNorm's fp32 upcasts and fp32 residual sums,
     # the two normalised inputs in bf16
     dropout_input: int = 4  # [b,T,in] per LoRA target: its dropped-out input (fp32), kept for dA
@@ -197,6 +201,7 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
     return {
         "saved_layer_inputs": config.n_layers * tokens * d * step.saved_input,  # remat only
         "saved_attention": config.n_layers * tokens * h_m * (e * step.saved_attention + step.saved_statistics),
+        "saved_upcast": config.n_layers * tokens * (d + h_m * e) * step.saved_upcast,
 
         "layer_saved": tokens * per_token,  # per layer, without remat
         "attention_backward": scores * step.scores_backward,  # one layer's, rebuilt in its backward
@@ -211,7 +216,8 @@ def combine_activations(terms: dict[str, int], n_layers: int, remat: bool) -> in
     common = terms["head_copies_with_accum"]
     if remat:  # one layer rebuilt: its intermediates and its attention backward
         layer = terms["layer_saved"] + terms["attention_backward"]
-        return common + terms["saved_layer_inputs"] + terms["saved_attention"] + max(terms["logits"], layer)
+        saved = terms["saved_layer_inputs"] + terms["saved_attention"] + terms["saved_upcast"]
+        return common + saved + max(terms["logits"], layer)
     return common + n_layers * terms["layer_saved"] + max(terms["logits"], terms["attention_backward"])
 
 
