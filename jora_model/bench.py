@@ -80,8 +80,8 @@ def random_frozen(config: LlamaConfig, mesh, dtype: str, seed: int = 0) -> dict:
             std = 1.0 if spec.name == "embeddings" else spec.shape[-2] ** -0.5
             make = lambda k=jax.random.fold_in(key, i), shape=spec.shape, std=std: (  # noqa: E731
                 jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
-        if spec.stacked and jnp.dtype(dtype) == jnp.bfloat16:
-            make = lambda make=make: jax.lax.bitcast_convert_type(make(), jnp.uint16)  # noqa: E731
+        if spec.step_dtype(dtype) != jnp.dtype(dtype):
+            make = lambda make=make, to=spec.step_dtype(dtype): jax.lax.bitcast_convert_type(make(), to)  # noqa: E731
         params.setdefault(spec.module, {})[spec.name] = jax.jit(make, out_shardings=target)()
     return params
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 from .config import LlamaConfig
 
 Shape = tuple[int, ...]
@@ -56,6 +58,12 @@ class ParamSpec:
     @property
     def path(self) -> str:
         return f"{self.module}/{self.name}"
+
+    def step_dtype(self, dtype: np.dtype) -> np.dtype:
+        """The dtype the train step takes this tensor in when it is stored as `dtype`: stacked bf16
+        weights as their uint16 bit patterns (llama.as_bits says why), everything else as stored."""
+        dtype = np.dtype(dtype)
+        return np.dtype(np.uint16) if self.stacked and dtype.name == "bfloat16" else dtype
 
 
 def param_specs(config: LlamaConfig) -> list[ParamSpec]:

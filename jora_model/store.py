@@ -166,7 +166,7 @@ def load_params(store: Store, sharding_for: ShardingFor | None = None,
         sharding = sharding_for(spec.path, spec.shape)
         def read(index, spec=spec):
             data = store.read_param(spec, index)
-            return data.view(np.uint16) if bits and spec.stacked and data.dtype.name == "bfloat16" else data
+            return data.view(spec.step_dtype(data.dtype)) if bits else data
 
         array = jax.make_array_from_callback(spec.shape, sharding, read)
         params.setdefault(spec.module, {})[spec.name] = array

@@ -144,11 +144,9 @@ def abstract_arguments(config: LlamaConfig, fns: StepFunctions, mesh: Any, batch
     from .layout import param_specs
 
     frozen: dict[str, dict[str, Any]] = {}
-    dtype = jnp.dtype(param_dtype)
-    bits = dtype == jnp.bfloat16  # stacked weights as the trainer loads them: as bits
-    for spec in param_specs(config):
+    for spec in param_specs(config):  # in the dtypes the trainer loads them in (load_params(bits=True))
         frozen.setdefault(spec.module, {})[spec.name] = jax.ShapeDtypeStruct(
-            spec.shape, jnp.uint16 if bits and spec.stacked else dtype,
+            spec.shape, spec.step_dtype(jnp.dtype(param_dtype)),
             sharding=sharding.param_sharding(mesh, spec.path, spec.shape))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          fns.abstract_state, fns.state_shardings)
