@@ -70,8 +70,7 @@ class StepMemoryModel:
     head_transpose: int = 2  # bytes per lm_head entry: the bf16 [V_m, D] transpose the chunked head
     # reads for the hidden states' gradient (made once, before the chunk loop)
     logits_chunk: int | None = None  # the head runs over chunks of c tokens, c the largest divisor of
-    # T with b c V at most this many logits; None: read loss._LOGITS_PER_CHUNK (no such module or
-    # constant: all T tokens at once)
+    # T with b c V at most this many logits; None: the train step's own, loss._LOGITS_PER_CHUNK
     layer_weight_copy: int = 0  # bytes per entry of the stacked layer matrices that a copy of them
     # costs. XLA's CPU compiler copied every stacked matrix before the layer loop when the step
     # converted them (to fp32, then to uint16 bits); the trainer now hands the step the bits as loaded
@@ -165,21 +164,14 @@ def _state_bytes(config: LlamaConfig, lora: LoraSettings, mesh: MeshShape) -> tu
     return total(state.lora, shardings.lora), total(state.opt_state, shardings.opt_state)
 
 
-def _step_blocks(step: StepMemoryModel, t: int) -> tuple[int, int | None]:
+def _step_blocks(step: StepMemoryModel, t: int) -> tuple[int, int]:
     """(queries per attention block, logits per loss chunk): as the step model says, else what the
     train step itself uses, so the estimate follows the step's constants when they are tuned."""
-    import importlib
-
     from .attention import block_length
-
-    def constant(module: str, name: str) -> int | None:
-        try:
-            return getattr(importlib.import_module(f"{__package__}.{module}"), name, None)
-        except ImportError:
-            return None
+    from .loss import _LOGITS_PER_CHUNK
 
     queries = largest_divisor(t, step.query_block) if step.query_block is not None else block_length(t, causal=True)
-    return queries, step.logits_chunk if step.logits_chunk is not None else constant("loss", "_LOGITS_PER_CHUNK")
+    return queries, step.logits_chunk if step.logits_chunk is not None else _LOGITS_PER_CHUNK
 
 
 def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: MeshShape,
@@ -195,14 +187,12 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
     tokens = b * t
     queries, logits_chunk = _step_blocks(step, t)
     scores = b * h_m * queries * t
-    chunk = t
-    if logits_chunk is not None:  # b and V as the step sees them: the whole batch and vocabulary
-        chunk = largest_divisor(t, max(1, logits_chunk // (batch_size * config.vocab_size)))
+    # b and V as the step sees them: the whole batch and vocabulary
+    chunk = largest_divisor(t, max(1, logits_chunk // (batch_size * config.vocab_size)))
     return {
         "saved_layer_inputs": config.n_layers * tokens * d * step.saved_input,  # remat only
         "saved_attention": config.n_layers * tokens * h_m * (e * step.saved_attention + step.saved_statistics),
         "saved_upcast": config.n_layers * tokens * (d + h_m * e) * step.saved_upcast,
-
         "layer_saved": tokens * per_token,  # per layer, without remat
         "attention_backward": scores * step.scores_backward,  # one layer's, rebuilt in its backward
         "logits": b * chunk * v_m * step.logits + (d * v_m * step.head_transpose if chunk < t else 0),
