@@ -155,8 +155,9 @@ def _attend_bwd(causal, residuals, grad):
         dqs = []
         for i in range(n):
             rows, end = slice(i * size, (i + 1) * size), (i + 1) * size
-            dq_i, dk_i, dv_i = _block_grads(q[:, rows], k[:, :end], v[:, :end], visibility.rows(i * size, end).keys(end),
-                                            out[:, rows], top[..., rows], total[..., rows], grad[:, rows])
+            dq_i, dk_i, dv_i = _block_grads(q[:, rows], k[:, :end], v[:, :end],
+                                            visibility.rows(i * size, end).keys(end), out[:, rows],
+                                            top[..., rows], total[..., rows], grad[:, rows])
             dqs.append(dq_i)
             dk, dv = dk.at[:, :end].add(dk_i), dv.at[:, :end].add(dv_i)
         dq = jnp.concatenate(dqs, axis=1)

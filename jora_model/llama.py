@@ -183,9 +183,9 @@ class Attention(hk.Module):
 
     def __call__(self, x: jax.Array, visibility: Visibility, cos: jax.Array, sin: jax.Array,
                  cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
-        """visibility: which keys each query sees (attention.py). With `cache` ([B, S, K, E] keys and values of this layer), the new keys and
-        values are written at cache_index and attention runs over the whole cache; returns
-        (output, updated cache) then, else the output alone."""
+        """visibility: which keys each query sees (attention.py). With `cache` ([B, S, K, E] keys and
+        values of this layer), the new keys and values are written at cache_index and attention runs
+        over the whole cache; returns (output, updated cache) then, else the output alone."""
         c, o = self.c, self.o
         b, t, _ = x.shape
         e, k_heads, rep = c.head_dim, c.n_kv_heads, c.n_rep
