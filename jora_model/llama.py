@@ -29,6 +29,7 @@ import numpy as np
 
 from .attention import SAVED_NAME, Visibility, attend
 from .config import LlamaConfig
+from .dropout import dropout
 from .lora import LoraSettings
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Linear(hk.Module):
             b = hk.get_parameter("lora_b", [lora.r, self.out_features], jnp.float32, init=jnp.zeros)
             h = x.astype(jnp.float32)
             if self.training and lora.dropout > 0:
-                h = hk.dropout(hk.next_rng_key(), lora.dropout, h)
+                h = dropout(hk.next_rng_key(), lora.dropout, h)
             y = y + lora.scale * _matmul(_matmul(h, a), b)
         return y.astype(cdt)
 
