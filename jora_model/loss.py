@@ -45,6 +45,16 @@ def chunk_length(batch: int, length: int, vocab: int) -> int:
     return largest_divisor(length, _LOGITS_PER_CHUNK // (batch * vocab))
 
 
+def _times_transposed(a: jax.Array, w: jax.Array) -> jax.Array:
+    """a @ w.T, [B, c, V] x [D, V] -> [B, c, D], with fp32 accumulation, computed as (w @ a^T)^T:
+    transposing the chunk's [c, V] gradient (and the small result) instead of w. Written as
+    matmul(a, w.T), XLA's CPU compiler copied the whole head transposed every step (31 MiB at
+    `small`, the embedding's size)."""
+    at = jnp.swapaxes(a, -1, -2)  # [B, V, c]
+    out = jax.lax.dot_general(w, at, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [D, B, c]
+    return jnp.moveaxis(out, 0, -1)
+
+
 def _head_nll(hidden, w, targets, weights, with_grad: bool):
     b, t, d = hidden.shape
     vocab = w.shape[1]
@@ -64,7 +74,7 @@ def _head_nll(hidden, w, targets, weights, with_grad: bool):
         # d nll / d logits = softmax - one_hot(target), for the weighted tokens
         dlogits = (jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(target, vocab, dtype=jnp.float32))
         dlogits = (dlogits * weight[..., None]).astype(h.dtype)
-        dh = jnp.matmul(dlogits, w.T, preferred_element_type=jnp.float32).astype(h.dtype)
+        dh = _times_transposed(dlogits, w).astype(h.dtype)
         return total, dh
 
     total, dh = jax.lax.scan(body, jnp.float32(0), (chunks(hidden), chunks(targets), chunks(weights)))

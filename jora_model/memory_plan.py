@@ -66,9 +66,8 @@ class StepMemoryModel:
     # fp32 probabilities and their gradient, bf16 probabilities and score gradient
     query_block: int | None = None  # Tq: the largest divisor of T not above this; None: the causal
     # block length attention.block_length gives
-    logits: int = 4 + 2  # [b,c,V_m] per chunk of c tokens: fp32 logits and their bf16 gradient
-    head_transpose: int = 2  # bytes per lm_head entry: the bf16 [V_m, D] transpose the chunked head
-    # reads for the hidden states' gradient (made once, before the chunk loop)
+    logits: int = 4 + 2  # [b,c,V_m] per chunk of c tokens: fp32 logits and their bf16 gradient (the
+    # gradient's transpose, which the head's backward matmul reads, is made after the logits are dead)
     logits_chunk: int | None = None  # the head runs over chunks of c tokens, c the largest divisor of
     # T with b c V at most this many logits; None: the train step's own, loss._LOGITS_PER_CHUNK
     layer_weight_copy: int = 0  # bytes per entry of the stacked layer matrices that a copy of them
@@ -195,7 +194,7 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
         "saved_upcast": config.n_layers * tokens * (d + h_m * e) * step.saved_upcast,
         "layer_saved": tokens * per_token,  # per layer, without remat
         "attention_backward": scores * step.scores_backward,  # one layer's, rebuilt in its backward
-        "logits": b * chunk * v_m * step.logits + (d * v_m * step.head_transpose if chunk < t else 0),
+        "logits": b * chunk * v_m * step.logits,
         "head_copies_with_accum": d * v_m * step.head_copies_with_accum if grad_accum > 1 else 0,
     }
 

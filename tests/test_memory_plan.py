@@ -37,10 +37,9 @@ HAND_7B = {
     "lora": L * 2 * (D * 16 + 16 * D) * 4,  # q and v: A [D,16] + B [16,D] per layer, fp32
     # remat: every layer's bf16 input, bf16 attention output and its fp32 row max and sum per head,
     # fp32 copies of both bf16 stacks (XLA CPU), plus the larger of the head (one chunk of 128 tokens:
-    # 128 x 32000 <= 2^22 logits, fp32 and their bf16 gradient, and lm_head's bf16 transpose) and one
-    # layer's backward
+    # 128 x 32000 <= 2^22 logits, fp32 and their bf16 gradient) and one layer's backward
     "activations": L * T * D * 2 + L * T * (D * 2 + H * 8) + L * T * 2 * D * 4
-    + max(128 * V * (4 + 2) + D * V * 2, LAYER_BACKWARD),
+    + max(128 * V * (4 + 2), LAYER_BACKWARD),
 }
 HAND_7B["total"] = HAND_7B["frozen"] + 5 * HAND_7B["lora"] + HAND_7B["activations"]
 
