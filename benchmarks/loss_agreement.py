@@ -54,7 +54,7 @@ def run(preset_name: str, steps: int, seq: int, rows: int, batches: int, lr: flo
     for name, compute, dtype in (("fast", "bfloat16", "bfloat16"), ("fp32", "float32", "float32")):
         frozen = random_frozen(config, mesh, dtype)
         fns = make_step_functions(config, lora, OptimizerSettings(lr=lr, warmup_steps=5, total_steps=steps),
-                                  compute, remat=True, seed=0, mesh=mesh)
+                                  compute, remat="matmuls", seed=0, mesh=mesh)
         state = fns.init(jax.device_put(init_lora_params(config, lora, 0), fns.state_shardings.lora))
         losses, start = [], time.perf_counter()
         for step in range(steps):

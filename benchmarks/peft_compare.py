@@ -58,13 +58,15 @@ from pathlib import Path
 
 from _report import RESULTS, loadavg, write_section  # noqa: E402  (benchmarks/ is on sys.path)
 
+from jora_model.remat import POLICIES  # names only: imports no JAX
+
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Training speed and memory vs PEFT"
 MIB = 1024 ** 2
 
 # LoRA and optimizer settings shared by both sides (jora's defaults; `jora bench` uses alpha = r).
 LORA_R, LORA_ALPHA, LORA_DROPOUT, TARGETS = 16, 16, 0.05, ("q_proj", "v_proj")
-DEFAULT_OURS = ["bf16,bf16,remat", "bf16,bf16,noremat"]
+DEFAULT_OURS = ["bf16,bf16,matmuls", "bf16,bf16,layer"]
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -248,9 +250,9 @@ def run_child(argv: list[str], log: Path, timeout: float) -> dict:
 
 def parse_ours(text: str) -> dict:
     compute, param, remat = (part.strip() for part in text.split(","))
-    if compute not in DTYPE_NAMES or param not in DTYPE_NAMES or remat not in ("remat", "noremat"):
-        raise argparse.ArgumentTypeError(f"--ours {text!r}: expected COMPUTE,PARAM,remat|noremat with bf16/fp32")
-    return {"compute": compute, "param": param, "remat": remat == "remat", "text": f"{compute},{param},{remat}"}
+    if compute not in DTYPE_NAMES or param not in DTYPE_NAMES or remat not in POLICIES:
+        raise argparse.ArgumentTypeError(f"--ours {text!r}: expected COMPUTE,PARAM,{'|'.join(POLICIES)} with bf16/fp32")
+    return {"compute": compute, "param": param, "remat": remat, "text": f"{compute},{param},{remat}"}
 
 
 def config_label(c: dict) -> str:
@@ -264,7 +266,7 @@ def build_argv(c: dict, args, shape: dict) -> list[str]:
         return [*jora_command(), "bench", "--preset", c["preset"], "--seq", str(args.seq), "--batch", str(args.batch),
                 "--steps", str(args.steps), "--warmup", str(args.warmup),
                 "--compute-dtype", DTYPE_NAMES[c["compute"]], "--param-dtype", DTYPE_NAMES[c["param"]],
-                "--remat" if c["remat"] else "--no-remat", "--lora-r", str(LORA_R), "--targets", ",".join(TARGETS)]
+                "--remat", c["remat"], "--lora-r", str(LORA_R), "--targets", ",".join(TARGETS)]
     spec = {"preset": c["preset"], "shape": shape, "dtype": c["dtype"], "seq": args.seq, "batch": args.batch,
             "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "attn": args.attn,
             "device": args.device}
@@ -393,8 +395,8 @@ def render(meta: dict, rows: list[dict]) -> str:
         f"LoRA r{LORA_R} alpha {LORA_ALPHA} dropout {LORA_DROPOUT} on {', '.join(TARGETS)}, AdamW, gradient clip "
         f"1.0; per run {a['warmup']} warm-up then {a['steps']} timed steps, one run (a fresh process) per "
         f"configuration per round, {a['rounds']} round(s), configurations alternating round-robin. "
-        "*Ours* = `jora bench` with COMPUTE,PARAM,remat (compute dtype, frozen-weight dtype, per-layer "
-        "rematerialisation); every setting tried is listed and the fastest per preset is *best*. *PEFT* = "
+        "*Ours* = `jora bench` with COMPUTE,PARAM,REMAT (compute dtype, frozen-weight dtype, and what "
+        "each rematerialised layer keeps: `jora train --help`); every setting tried is listed and the fastest per preset is *best*. *PEFT* = "
         f"transformers `LlamaForCausalLM` (random init, attention `{a['attn']}`) + peft `get_peft_model`, "
         f"torch.optim.AdamW, {a['threads']} torch threads: fp32 = model in float32; bf16 = model built in "
         "bfloat16 (pure bf16 base, as `model.to(torch.bfloat16)`; PEFT keeps the adapter in fp32); autocast = "
@@ -452,7 +454,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run (ours: compilation)")
     parser.add_argument("--ours", nargs="*", type=parse_ours, default=[parse_ours(t) for t in DEFAULT_OURS],
-                        metavar="COMPUTE,PARAM,remat|noremat",
+                        metavar="COMPUTE,PARAM,REMAT",
                         help=f"our settings to try (bf16/fp32 each); default: {' '.join(DEFAULT_OURS)}")
     parser.add_argument("--peft", nargs="*", choices=["fp32", "bf16", "autocast"], default=["bf16", "fp32"])
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")

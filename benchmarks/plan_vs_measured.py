@@ -39,17 +39,18 @@ TOLERANCE = 0.25
 
 # preset, seq, batch (rows per micro-batch over the data axis), grad_accum, remat, mesh
 DEFAULT_CONFIGS = [
-    ("tiny", 512, 1, 1, True, "data=1,model=1"), ("tiny", 512, 1, 1, False, "data=1,model=1"),
-    ("small", 512, 1, 1, True, "data=1,model=1"), ("small", 512, 1, 1, False, "data=1,model=1"),
-    ("small", 1024, 1, 1, True, "data=1,model=1"), ("small", 1024, 1, 1, False, "data=1,model=1"),
-    ("small", 256, 2, 1, True, "data=1,model=1"), ("small", 512, 1, 4, True, "data=1,model=1"),
-    ("base110m", 512, 1, 1, True, "data=1,model=1"), ("base110m", 512, 1, 1, False, "data=1,model=1"),
-    ("small", 512, 1, 1, True, "data=1,model=2"), ("small", 512, 1, 1, True, "data=1,model=4"),
-    ("small", 512, 2, 1, True, "data=2,model=1"), ("base110m", 512, 2, 1, False, "data=2,model=2"),
+    ("tiny", 512, 1, 1, "matmuls", "data=1,model=1"), ("tiny", 512, 1, 1, "none", "data=1,model=1"),
+    ("small", 512, 1, 1, "layer", "data=1,model=1"), ("small", 2048, 1, 1, "layer", "data=1,model=1"),
+    ("small", 512, 1, 1, "matmuls", "data=1,model=1"), ("small", 512, 1, 1, "none", "data=1,model=1"),
+    ("small", 1024, 1, 1, "matmuls", "data=1,model=1"), ("small", 1024, 1, 1, "none", "data=1,model=1"),
+    ("small", 256, 2, 1, "matmuls", "data=1,model=1"), ("small", 512, 1, 4, "matmuls", "data=1,model=1"),
+    ("base110m", 512, 1, 1, "matmuls", "data=1,model=1"), ("base110m", 512, 1, 1, "none", "data=1,model=1"),
+    ("small", 512, 1, 1, "matmuls", "data=1,model=2"), ("small", 512, 1, 1, "matmuls", "data=1,model=4"),
+    ("small", 512, 2, 1, "matmuls", "data=2,model=1"), ("base110m", 512, 2, 1, "none", "data=2,model=2"),
     # long sequences: one rebuilt layer's backward outweighs the head
-    ("small", 2048, 1, 1, True, "data=1,model=1"), ("small", 4096, 1, 1, True, "data=1,model=8"),
+    ("small", 2048, 1, 1, "matmuls", "data=1,model=1"), ("small", 4096, 1, 1, "matmuls", "data=1,model=8"),
 ]
-COMPILE_ONLY = {("small", 4096, 1, 1, True, "data=1,model=8")}  # 8 virtual devices at T=4096: too slow
+COMPILE_ONLY = {("small", 4096, 1, 1, "matmuls", "data=1,model=8")}  # 8 virtual devices at T=4096: too slow
 # to run on a 2-core machine, and XLA's account needs no run
 
 CHILD = textwrap.dedent("""
@@ -147,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     start = datetime.datetime.now(datetime.timezone.utc)
     load_start = loadavg()
-    rows, worst, errors = [], 0.0, {True: [], False: []}
+    rows, worst, errors = [], 0.0, {"matmuls": [], "layer": [], "none": []}
     for config in DEFAULT_CONFIGS:
         run = not args.no_run and config not in COMPILE_ONLY
         measured, est = measure(config, run), estimate(config)
@@ -156,8 +157,8 @@ def main() -> None:
         name, seq, batch, accum, remat, mesh_text = config
         errors[remat].append(error)
         layer_peak = est["layer"] > est["head"]
-        peak_at = "" if not remat else (" (layer)" if layer_peak else " (head)")
-        line = (f"| {name} | {mesh_text} | {seq} | {batch} | {accum} | {'yes' + peak_at if remat else 'no'} "
+        peak_at = "" if remat == "none" else (" (layer)" if layer_peak else " (head)")
+        line = (f"| {name} | {mesh_text} | {seq} | {batch} | {accum} | {remat + peak_at} "
                 f"| {mib(est['activation'])} | {mib(est['copies'])} | {mib(est['temp'])} | {mib(measured['temp'])} "
                 f"| {error:+.1%} | {mib(est['argument'])} | {mib(measured['argument'])} "
                 f"| {mib(est['total'])} | {mib(measured['argument'] + measured['temp'] + measured['output'] - measured['alias'])} "
@@ -183,7 +184,7 @@ Estimate = `jora_model.memory_plan.plan_memory` (what `jora plan` prints). Measu
 |---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
-Largest temp error {worst:.1%}: the estimate is {verdict} {TOLERANCE:.0%} of XLA's account on every row. With remat the error runs from {min(errors[True]):+.1%} to {max(errors[True]):+.1%} (remat rows say whether the estimate puts the peak at the head or inside one rebuilt layer); without remat from {min(errors[False]):+.1%} to {max(errors[False]):+.1%}. Not counted: the u32 random bits of the dropout masks and buffers under a few MiB. With remat most of the temp bytes of these presets are the saved layer inputs and attention outputs with the fp32 copies XLA's CPU compiler makes of them, the head (one chunk of logits, fp32 with their bf16 gradient, and a bf16 transpose of lm_head) and one rebuilt layer's backward (its attention runs over causal blocks of T/4 queries, at most 512); without remat, the copy of the layer matrices and every layer's intermediates. `StepMemoryModel` in jora_model/memory_plan.py lists every term.
+Largest temp error {worst:.1%}: the estimate is {verdict} {TOLERANCE:.0%} of XLA's account on every row. {" ".join(f"With remat {policy} the error runs from {min(e):+.1%} to {max(e):+.1%}." for policy, e in errors.items() if e)} Remat rows say whether the estimate puts the peak at the head or inside one rebuilt layer. Not counted: buffers under a few MiB. With remat most of the temp bytes of these presets are what each layer keeps as integer bits (its input and attention's output; under `matmuls` also q, k, v, the residual stream after attention, gate and up), the head (one chunk of logits, fp32 with their bf16 gradient) and one rebuilt layer's backward (its attention runs over causal blocks of T/4 queries, at most 512); without remat, the copy of the layer matrices and every layer's intermediates. `StepMemoryModel` in jora_model/memory_plan.py lists every term.
 """
     print(f"largest temp error {worst:.1%} ({verdict} {TOLERANCE:.0%})")
     if args.write:

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from .blocks import largest_divisor
+from .kept import KEPT_NAME, kept_bits
 
 _MASKED = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
 QUERY_BLOCK = 512  # most queries per block: one block's fp32 [Tq, S] scores are alive at a time
 CAUSAL_BLOCKS = 4  # causal attention cuts T into at least this many query blocks (T permitting)
-SAVED_NAME = "attention_output"  # checkpoint name of what a rematerialised layer keeps of attention
 
 
 class Visibility(NamedTuple):
@@ -131,8 +131,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility, cau
 
 def _attend_fwd(q, k, v, visibility, causal):
     out, top, total = _forward(q, k, v, visibility, causal)
-    # Named, so that a rematerialised layer can keep them (SAVED_NAME) and skip attention's forward
-    out, top, total = (checkpoint_name(x, SAVED_NAME) for x in (out, top, total))
+    # Named, so that a rematerialised layer can keep them (kept.py) and skip attention's forward
+    out = kept_bits(out)
+    top, total = (checkpoint_name(x, KEPT_NAME) for x in (top, total))
     return out, (q, k, v, visibility, out, top, total)
 
 

@@ -33,7 +33,7 @@ class BenchSettings:
     mesh: str = ""
     compute_dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
-    remat: bool = True
+    remat: str = "matmuls"  # remat.POLICIES
     lora: LoraSettings = LoraSettings()
 
 

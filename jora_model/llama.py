@@ -27,18 +27,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import SAVED_NAME, Visibility, attend
+from .attention import Visibility, attend
 from .config import LlamaConfig
 from .dropout import dropout
 from .lora import LoraSettings
+from .kept import keeper, remat_layer
+from .remat import check_policy
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     compute_dtype: str = "float32"  # activations and matmul inputs; "bfloat16" for training
     param_dtype: str = "float32"  # dtype of freshly initialised parameters (loaded ones keep theirs)
-    remat: bool = False  # recompute each decoder layer in the backward pass instead of storing it
+    remat: str = "none"  # what a decoder layer keeps for its backward pass: "matmuls", "layer" or
+    # "none" (remat.py); the first two recompute the rest of the layer in the backward pass
     scan_unroll: int = 1  # decoder layers per scan iteration (1 = fully rolled)
     lora: LoraSettings | None = None  # adapters on the targeted linear layers
+
+    def __post_init__(self) -> None:
+        check_policy(self.remat)
 
 
 def as_bits(params: dict) -> dict:
@@ -194,6 +200,9 @@ class Attention(hk.Module):
         k = Linear(k_heads * e, o, "k_proj", self.training)(x).reshape(b, t, k_heads, e)
         v = Linear(k_heads * e, o, "v_proj", self.training)(x).reshape(b, t, k_heads, e)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:
+            kept = keeper(o.remat, projection=True)
+            q, k, v = kept(q), kept(k), kept(v)
         if cache is not None:
             at = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
@@ -214,21 +223,22 @@ class MLP(hk.Module):
         c, o = self.c, self.o
         gate = Linear(c.ffn_dim, o, "gate_proj", self.training)(x)
         up = Linear(c.ffn_dim, o, "up_proj", self.training)(x)
+        kept = keeper(o.remat, projection=True)
+        gate, up = kept(gate), kept(up)
         return Linear(c.dim, o, "down_proj", self.training)(jax.nn.silu(gate) * up)
 
 
 def decoder_layer(config: LlamaConfig, options: ModelOptions, training: bool) -> Callable:
     def layer(x, visibility, cos, sin):
         attention = Attention(config, options, training)
+        x = keeper(options.remat, projection=False)(x)
         h = x + attention(RMSNorm(config.norm_eps, options, "attention_norm")(x), visibility, cos, sin)
+        # the residual stream after attention is o_proj's output plus x: kept with the projections
+        h = keeper(options.remat, projection=True)(h)
         out = h + MLP(config, options, training)(RMSNorm(config.norm_eps, options, "ffn_norm")(h))
         return out, visibility, cos, sin
 
-    # A rematerialised layer keeps its input and attention's output and row statistics (one more
-    # [B, T, D] and two [B, H, T] per layer): its backward then recomputes the projections and
-    # elementwise work, but not attention's forward, which its own backward pass does not need.
-    policy = jax.checkpoint_policies.save_only_these_names(SAVED_NAME)
-    return hk.remat(layer, policy=policy) if options.remat else layer
+    return remat_layer(layer, options.remat, hk.remat)
 
 
 class KVCache(NamedTuple):

@@ -30,6 +30,7 @@ from .config import LlamaConfig
 from .errors import JoraError
 from .layout import param_specs
 from .lora import LoraSettings
+from .remat import POLICIES, check_policy
 from .sharding import MeshShape, check_divisible
 
 _DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
@@ -42,19 +43,18 @@ class StepMemoryModel:
     """What one micro-batch's forward and backward keep, in bytes per element of each shape.
 
     Without remat every layer keeps its forward intermediates (none of them [T,T]) until its backward.
-    With remat each layer keeps its input and attention's output and row statistics, and one layer at a
-    time is rebuilt for its backward. Either way the peak comes inside one layer's backward or at the
+    With remat (remat.py) each layer keeps what its policy names, as integer bits (kept.py): its input
+    and attention's output and row statistics, and under "matmuls" also q, k, v, the residual stream
+    after attention, gate and up; one layer at a time is rebuilt for its backward. Either way the peak comes inside one layer's backward or at the
     head (one chunk's logits), whichever is larger: both are never live at once. Read off XLA's buffer
     assignment of the step (CPU).
     """
-    saved_input: int = 2  # [b,T,D] layer input kept per layer under remat (bf16)
-    saved_attention: int = 2  # [b,T,H_m E] attention output kept per layer under remat (bf16), and
+    saved_input: int = 2  # [b,T,D] layer input kept per layer under remat (bf16 bits)
+    saved_attention: int = 2  # [b,T,H_m E] attention output kept per layer under remat (bf16 bits), and
     saved_statistics: int = 4 + 4  # [b,H_m,T] its row max and row sum (fp32): the rebuilt layer skips
-    # attention's forward (attention.SAVED_NAME)
-    saved_upcast: int = 4  # per element of both saved stacks above ([L,b,T,D] and [L,b,T,H_m E]): XLA's
-    # CPU compiler converts each bf16 stack to fp32 whole before the backward loop slices it, as it did
-    # the stacked weights (measured on CPU; the weights avoid it as uint16 bits, which a differentiated
-    # carry cannot be)
+    # attention's forward
+    saved_projections: int = 2  # per element of q, k, v [b,T,(H_m + 2 K_m) E], the residual stream after
+    # attention [b,T,D], gate and up [b,T,2 F_m], kept per layer under remat "matmuls" (bf16 bits)
     hidden: int = 4 * 4 + 2 * 2  # [b,T,D] per layer: RMSNorm's fp32 upcasts and fp32 residual sums,
     # the two normalised inputs in bf16
     dropout_input: int = 4  # [b,T,in] per LoRA target: its dropped-out input (fp32), kept for dA
@@ -90,7 +90,7 @@ class MemoryPlan:
     seq_len: int  # T: tokens per row
     batch_size: int  # rows per micro-batch, over the whole data axis
     grad_accum: int  # micro-batches per optimizer step (activations are per micro-batch)
-    remat: bool  # whether activation_bytes_per_device assumes per-layer rematerialisation
+    remat: str  # the remat policy activation_bytes_per_device assumes (remat.POLICIES)
     param_dtype: str  # dtype of the frozen weights
     frozen_bytes_per_device: int  # the frozen base's share (sharded by the rules, norms replicated)
     lora_bytes_per_device: int  # fp32 master copy of the adapter
@@ -98,11 +98,10 @@ class MemoryPlan:
     gradient_bytes_per_device: int  # fp32 LoRA gradients: the accumulator and the micro-batch's own
     batch_bytes_per_device: int  # input ids, loss mask and segment ids of the step
     weight_copy_bytes_per_device: int  # the copy of the stacked layer weights XLA's CPU compiler makes
-    activation_bytes_per_device: int  # estimated activations for the remat setting asked
-    activation_bytes_remat: int  # the same with remat
-    activation_bytes_no_remat: int  # and without
+    activation_bytes_per_device: int  # estimated activations for the remat policy asked
+    activation_bytes_by_remat: dict[str, int]  # the same for every policy
     activation_terms: dict[str, int]  # the named terms both figures are built from
-    total_bytes_per_device: int  # everything above (activations for the remat setting asked)
+    total_bytes_per_device: int  # everything above (activations for the remat policy asked)
     device_memory: int | None  # bytes each device has, when given
     fits: bool | None  # total <= device_memory; None without device_memory
 
@@ -191,7 +190,7 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
     return {
         "saved_layer_inputs": config.n_layers * tokens * d * step.saved_input,  # remat only
         "saved_attention": config.n_layers * tokens * h_m * (e * step.saved_attention + step.saved_statistics),
-        "saved_upcast": config.n_layers * tokens * (d + h_m * e) * step.saved_upcast,
+        "saved_projections": config.n_layers * tokens * ((h_m + 2 * k_m) * e + d + 2 * f_m) * step.saved_projections,
         "layer_saved": tokens * per_token,  # per layer, without remat
         "attention_backward": scores * step.scores_backward,  # one layer's, rebuilt in its backward
         "logits": b * chunk * v_m * step.logits,
@@ -199,19 +198,21 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
     }
 
 
-def combine_activations(terms: dict[str, int], n_layers: int, remat: bool) -> int:
-    """Activation bytes from the terms: the head and one layer's backward are never live at once, so
-    only the larger counts; without remat every layer's intermediates are live at both."""
+def combine_activations(terms: dict[str, int], n_layers: int, remat: str) -> int:
+    """Activation bytes from the terms for a remat policy: the head and one layer's backward are never
+    live at once, so only the larger counts; without remat every layer's intermediates are live at both."""
     common = terms["head_copies_with_accum"]
-    if remat:  # one layer rebuilt: its intermediates and its attention backward
+    if check_policy(remat) != "none":  # one layer rebuilt: its intermediates and its attention backward
         layer = terms["layer_saved"] + terms["attention_backward"]
-        saved = terms["saved_layer_inputs"] + terms["saved_attention"] + terms["saved_upcast"]
+        saved = terms["saved_layer_inputs"] + terms["saved_attention"]
+        if remat == "matmuls":
+            saved += terms["saved_projections"]
         return common + saved + max(terms["logits"], layer)
     return common + n_layers * terms["layer_saved"] + max(terms["logits"], terms["attention_backward"])
 
 
 def plan_memory(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: MeshShape, lora: LoraSettings,
-                remat: bool = True, param_dtype: str = "bfloat16", device_memory: int | None = None,
+                remat: str = "matmuls", param_dtype: str = "bfloat16", device_memory: int | None = None,
                 grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP) -> MemoryPlan:
     """The bytes per device of training `config` with `lora` at batch_size rows of seq_len tokens
     (per micro-batch, over the whole data axis) on `mesh`; fits when device_memory is given."""
@@ -226,24 +227,22 @@ def plan_memory(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: Mes
     frozen = sum(math.prod(shape) for shape in shards.values()) * itemsize
     layer_matrices = sum(math.prod(shape) for path, shape in shards.items()
                          if path.startswith("layers/") and path.endswith("/w"))
-    copy_bytes = step.layer_weight_copy if remat else step.layer_weight_copy_no_remat
+    copy_bytes = step.layer_weight_copy if check_policy(remat) != "none" else step.layer_weight_copy_no_remat
     copies = layer_matrices * copy_bytes * itemsize // 2  # measured with bf16 weights only
     lora_bytes, optimizer_bytes = _state_bytes(config, lora, mesh)
     rows = (batch_size // mesh.data) * grad_accum
     batch_bytes = rows * seq_len * (4 + 1 + 4)  # int32 ids, bool mask, int32 segment ids
     terms = activation_terms(config, seq_len=seq_len, batch_size=batch_size, mesh=mesh, lora=lora,
                              grad_accum=grad_accum, step=step)
-    with_remat = combine_activations(terms, config.n_layers, True)
-    without_remat = combine_activations(terms, config.n_layers, False)
-    activations = with_remat if remat else without_remat
+    by_remat = {policy: combine_activations(terms, config.n_layers, policy) for policy in POLICIES}
+    activations = by_remat[remat]
     total = frozen + lora_bytes + optimizer_bytes + 2 * lora_bytes + batch_bytes + copies + activations
     return MemoryPlan(
         mesh=mesh, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, remat=remat,
         param_dtype=param_dtype, frozen_bytes_per_device=frozen, lora_bytes_per_device=lora_bytes,
         optimizer_bytes_per_device=optimizer_bytes, gradient_bytes_per_device=2 * lora_bytes,
         batch_bytes_per_device=batch_bytes, weight_copy_bytes_per_device=copies,
-        activation_bytes_per_device=activations, activation_bytes_remat=with_remat,
-        activation_bytes_no_remat=without_remat, activation_terms=terms, total_bytes_per_device=total,
+        activation_bytes_per_device=activations, activation_bytes_by_remat=by_remat, activation_terms=terms, total_bytes_per_device=total,
         device_memory=device_memory, fits=None if device_memory is None else total <= device_memory)
 
 
@@ -263,7 +262,7 @@ def candidate_meshes(config: LlamaConfig, devices: int, batch_size: int) -> list
 
 
 def meshes_that_fit(config: LlamaConfig, devices: int, *, seq_len: int, batch_size: int, lora: LoraSettings,
-                    device_memory: int, remat: bool = True, param_dtype: str = "bfloat16",
+                    device_memory: int, remat: str = "matmuls", param_dtype: str = "bfloat16",
                     grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP) -> list[MemoryPlan]:
     """The meshes over all `devices` on which the step fits, best first. Best = the most data
     parallelism (each extra model shard adds all-reduces to every layer, while data shards run

@@ -31,6 +31,7 @@ from .config import LlamaConfig
 from .data import Batch, BatchReader, BatchSettings, ReaderPosition
 from .errors import JoraError
 from .lora import LoraSettings, init_lora_params
+from .remat import check_policy
 
 log = logging.getLogger("jora")
 
@@ -50,7 +51,7 @@ class TrainSettings:
     keep_checkpoints: int = 3
     mesh: str = ""  # "data=D,model=M"; empty: data=1, model=all devices
     compute_dtype: str = "bfloat16"  # activations; the frozen base keeps its stored dtype
-    remat: bool = True  # recompute each decoder layer in the backward pass
+    remat: str = "matmuls"  # what each decoder layer keeps for its backward: matmuls, layer or none (remat.py)
     warmup_ratio: float = 0.03  # share of the steps spent warming the learning rate up
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -63,6 +64,7 @@ class TrainSettings:
                 raise JoraError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise JoraError(f"max_steps must be at least 1, got {self.max_steps}")
+        check_policy(self.remat)
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise JoraError(f"compute dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
         if not self.lr > 0 or not math.isfinite(self.lr):

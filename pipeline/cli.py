@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from jora_model.errors import JoraError
+from jora_model.remat import POLICIES
 from stages.convert import convert_command
 from stages.tokenize import tokenize_command
 from stages.export import export_adapter_command, export_command
@@ -213,7 +214,7 @@ def generate_command(model, adapter, prompt, context, data, limit, max_new_token
 @click.option("--mesh", default="", help="e.g. data=2,model=4 [default: model=all devices].")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--param-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--remat/--no-remat", default=True, show_default=True)
+@click.option("--remat", type=click.Choice(POLICIES), default="matmuls", show_default=True)
 @click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--targets", default="q_proj,v_proj", show_default=True)
 def bench_command(preset, seq, batch, grad_accum, steps, warmup, mesh, compute_dtype, param_dtype, remat, lora_r,

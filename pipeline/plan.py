@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from jora_model.errors import JoraError
+from jora_model.remat import POLICIES
 
 _ROWS = (  # (label, MemoryPlan field)
     ("frozen weights", "frozen_bytes_per_device"),
@@ -46,11 +47,11 @@ def _table(plan, title: str) -> str:
     lines = [title, f"{'':32s}{'per device':>13s}"]
     lines += [f"  {label:30s}{_gib(getattr(plan, field))}" for label, field in _ROWS
               if field != "weight_copy_bytes_per_device" or plan.weight_copy_bytes_per_device]
-    mode = "with remat" if plan.remat else "without remat"
-    lines.append(f"  {'activations (' + mode + ')':30s}{_gib(plan.activation_bytes_per_device)}")
+    lines.append(f"  {'activations (remat ' + plan.remat + ')':30s}{_gib(plan.activation_bytes_per_device)}")
     lines.append(f"  {'total':30s}{_gib(plan.total_bytes_per_device)}")
-    other = plan.activation_bytes_no_remat if plan.remat else plan.activation_bytes_remat
-    lines.append(f"  (activations {'without' if plan.remat else 'with'} remat: {other / 2 ** 30:.2f} GiB)")
+    others = [f"remat {policy}: {value / 2 ** 30:.2f} GiB" for policy, value in plan.activation_bytes_by_remat.items()
+              if policy != plan.remat]
+    lines.append(f"  (activations with {', '.join(others)})")
     if plan.fits is not None:
         lines.append(f"  fits in {plan.device_memory / 2 ** 30:.2f} GiB ({plan.device_memory:,} bytes): "
                      f"{'yes' if plan.fits else 'no'}")
@@ -69,7 +70,8 @@ def _table(plan, title: str) -> str:
 @click.option("--mesh", default="data=1,model=1", show_default=True, help="e.g. data=2,model=4.")
 @click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--targets", default="q_proj,v_proj", show_default=True, help="comma-separated LoRA targets.")
-@click.option("--remat/--no-remat", default=True, show_default=True, help="recompute decoder layers.")
+@click.option("--remat", type=click.Choice(POLICIES), default="matmuls", show_default=True,
+              help="what each decoder layer keeps for its backward pass (see jora train --help).")
 @click.option("--param-dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
               help="dtype of the frozen weights [default: the store's, or bfloat16].")
 @click.option("--device-memory", default=None, help="memory per device, e.g. 80GB or 80GiB: says whether it fits.")

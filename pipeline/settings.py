@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jora_model.errors import JoraError
+from jora_model.remat import POLICIES
 
 
 class _Section(BaseModel):
@@ -53,7 +54,14 @@ class TrainSection(_Section):
     keep_checkpoints: int = Field(3, ge=1)
     mesh: str = Field("", description="device mesh, e.g. data=2,model=4 (empty: model = all devices)")
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    remat: bool = Field(True, description="recompute decoder layers in the backward pass")
+    remat: Literal[POLICIES] = Field("matmuls", description="what each decoder layer keeps for its backward pass: "
+                                     "matmuls (fastest), layer (least memory), none (no recompute)")
+
+    @field_validator("remat", mode="before")
+    @classmethod
+    def _remat_from_bool(cls, value: Any) -> Any:
+        # settings files written before the policies said `remat: true` or `false`
+        return {True: "matmuls", False: "none"}[value] if isinstance(value, bool) else value
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)

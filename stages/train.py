@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+from jora_model.remat import POLICIES
+
 from .base import StageResult, adapter_input, run_stage, upstream_key
 
 CODE_VERSION = "train-1"
@@ -130,7 +132,9 @@ def _targets(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--mesh", default="", help="device mesh, e.g. data=2,model=4 [default: model=all devices].")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--remat/--no-remat", default=True, show_default=True, help="recompute layers in the backward pass.")
+@click.option("--remat", type=click.Choice(POLICIES), default="matmuls", show_default=True,
+              help="what each decoder layer keeps for its backward pass: matmuls (every matmul's output; "
+              "fastest), layer (its input and attention's output; least memory) or none (no recompute).")
 @click.option("--warmup-ratio", type=click.FloatRange(0, 1), default=0.03, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)

@@ -129,7 +129,7 @@ def test_accumulation_equals_the_large_batch(base):
     tokens = _tokens(seed=3, batch=4, seq=24)
     results = []
     for accum, rows in ((4, 1), (1, 4)):
-        fns = make_step_functions(config, lora, OptimizerSettings(lr=1e-2, total_steps=10), "float32", False, 0)
+        fns = make_step_functions(config, lora, OptimizerSettings(lr=1e-2, total_steps=10), "float32", "none", 0)
         state = fns.init(_random_adapter(config, lora))
         state, metrics = fns.train_step(state, frozen, _batch(tokens, accum, rows, [10, 6, 15, 20]))
         results.append((jax.device_get(state.lora), metrics))
@@ -147,7 +147,7 @@ def test_loss_falls_on_a_repeated_batch(base):
     config = Store(store).config
     lora = LoraSettings(r=8, alpha=16, dropout=0.05)
     frozen = _frozen(store)
-    fns = make_step_functions(config, lora, OptimizerSettings(lr=3e-3, total_steps=40), "bfloat16", True, 0)
+    fns = make_step_functions(config, lora, OptimizerSettings(lr=3e-3, total_steps=40), "bfloat16", "matmuls", 0)
     state = fns.init(init_lora_params(config, lora, 0))
     batch = _batch(_tokens(seed=5, batch=2, seq=24), 1, 2)
     losses = []
@@ -169,6 +169,6 @@ def test_trainable_and_frozen_are_separate_and_only_lora_gets_gradients(base):
     assert set(t2) == {"layers/attention/q_proj", "layers/attention/v_proj"}
     assert all(set(leaves) == {"lora_a", "lora_b"} for leaves in t2.values())
     assert not any(name.startswith("lora_") for leaves in f2.values() for name in leaves)
-    fns = make_step_functions(config, lora, OptimizerSettings(), "float32", False, 0)
+    fns = make_step_functions(config, lora, OptimizerSettings(), "float32", "none", 0)
     state = fns.init(trainable)
     assert jax.tree.structure(state.opt_state[1][0].mu) == jax.tree.structure(trainable)

@@ -20,6 +20,7 @@ from jora_model.config import PRESETS, preset
 from jora_model.errors import JoraError
 from jora_model.lora import LoraSettings
 from jora_model.memory_plan import candidate_meshes, meshes_that_fit, parse_bytes, plan_memory
+from jora_model.remat import POLICIES
 from jora_model.sharding import MeshShape
 from pipeline.cli import cli
 
@@ -35,10 +36,11 @@ LAYER_BACKWARD = T * (20 * D + 2 * 4 * D + 2 * 4 * 16 + 6 * 3 * D + 26 * F) + 12
 HAND_7B = {
     "frozen": 6_738_415_616 * 2,  # the published parameter count, bf16
     "lora": L * 2 * (D * 16 + 16 * D) * 4,  # q and v: A [D,16] + B [16,D] per layer, fp32
-    # remat: every layer's bf16 input, bf16 attention output and its fp32 row max and sum per head,
-    # fp32 copies of both bf16 stacks (XLA CPU), plus the larger of the head (one chunk of 128 tokens:
-    # 128 x 32000 <= 2^22 logits, fp32 and their bf16 gradient) and one layer's backward
-    "activations": L * T * D * 2 + L * T * (D * 2 + H * 8) + L * T * 2 * D * 4
+    # remat "matmuls": every layer's bf16 input, bf16 attention output and its fp32 row max and sum per
+    # head, bf16 q, k, v, residual stream after attention, gate and up, plus the larger of the head (one
+    # chunk of 128 tokens: 128 x 32000 <= 2^22 logits, fp32 and their bf16 gradient) and one layer's
+    # backward
+    "activations": L * T * D * 2 + L * T * (D * 2 + H * 8) + L * T * (4 * D + 2 * F) * 2
     + max(128 * V * (4 + 2), LAYER_BACKWARD),
 }
 HAND_7B["total"] = HAND_7B["frozen"] + 5 * HAND_7B["lora"] + HAND_7B["activations"]
@@ -54,7 +56,10 @@ def test_7b_one_device_matches_the_hand_calculation():
     assert plan.weight_copy_bytes_per_device == 0  # the step gets the layer weights as bits: no copy
     assert abs(plan.activation_bytes_per_device / HAND_7B["activations"] - 1) <= 0.10
     assert abs(plan.total_bytes_per_device / HAND_7B["total"] - 1) <= 0.10
-    assert plan.activation_bytes_no_remat > plan.activation_bytes_remat  # every layer's intermediates kept
+    by_remat = plan.activation_bytes_by_remat  # the projections' outputs, then every intermediate, kept
+    assert by_remat["layer"] < by_remat["matmuls"] == plan.activation_bytes_per_device < by_remat["none"]
+    # "layer" keeps the input and attention's output (and statistics) only
+    assert by_remat["matmuls"] - by_remat["layer"] == L * T * (4 * D + 2 * F) * 2
     assert plan.fits is None
 
 
@@ -147,7 +152,7 @@ def test_bad_settings_are_one_line_and_exit_2(args, message, tmp_path, monkeypat
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
 
 
-def _compiled_temp_bytes(name: str, seq: int, remat: bool) -> int:
+def _compiled_temp_bytes(name: str, seq: int, remat: str) -> int:
     """XLA's temp bytes for the real train step (one device), compiled for abstract arguments."""
     import jax
 
@@ -161,7 +166,7 @@ def _compiled_temp_bytes(name: str, seq: int, remat: bool) -> int:
     return fns.train_step.lower(*arguments).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("remat", [True, False])
+@pytest.mark.parametrize("remat", POLICIES)
 def test_estimate_within_25_percent_of_xla(remat):
     plan = plan_memory(preset("small"), seq_len=256, batch_size=1, mesh=MeshShape(1, 1), lora=QV16, remat=remat)
     estimated = plan.activation_bytes_per_device + plan.weight_copy_bytes_per_device + plan.gradient_bytes_per_device

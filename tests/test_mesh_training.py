@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent("""
     store, data, work, mesh = sys.argv[1:5]
     settings = TrainSettings(lora=LoraSettings(r=4, alpha=8, targets=("q_proj", "v_proj", "o_proj", "down_proj")),
                              lr=1e-3, batch_size=2, grad_accum=2, max_seq_len=256, max_steps=5, eval_every=5,
-                             checkpoint_every=5, mesh=mesh, compute_dtype="float32", remat=False)
+                             checkpoint_every=5, mesh=mesh, compute_dtype="float32", remat="none")
     result = run_training(Path(store), Path(data), Path(work), settings, progress=False)
     losses = [r["loss"] for r in map(json.loads, (Path(work) / "metrics.jsonl").read_text().splitlines())]
     shape = sharding.MeshShape.parse(mesh) if mesh else sharding.MeshShape(1, len(jax.devices()))

@@ -28,7 +28,7 @@ JORA = Path(sys.executable).with_name("jora")
 STEPS = 8
 COMMON = ["--lora-r", "4", "--lora-alpha", "8", "--targets", "q_proj,v_proj,o_proj,down_proj", "--batch-size", "2",
           "--grad-accum", "2", "--max-seq-len", "256", "--max-steps", str(STEPS), "--eval-every", "4",
-          "--checkpoint-every", "1", "--lr", "1e-3", "--compute-dtype", "float32", "--no-remat",
+          "--checkpoint-every", "1", "--lr", "1e-3", "--compute-dtype", "float32", "--remat", "none",
           "--mesh", "data=2,model=2", "--heartbeat-timeout", "10"]
 RUN_TIMEOUT = 300  # seconds for one run (two processes) on two loaded cores; ~50 s is usual
 EXIT_BOUND = 10 + 30  # after a peer dies: the heartbeat timeout plus slack for a loaded machine

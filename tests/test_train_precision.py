@@ -97,12 +97,12 @@ def _dots(jaxpr) -> list:
     return found
 
 
-def _step_dots(store) -> tuple[list, dict]:
+def _step_dots(store, remat: str = "matmuls") -> tuple[list, dict]:
     """(every dot_general of a bf16, remat, LoRA gradient over 16 tokens of the tiny model, its frozen weights)."""
     frozen = _frozen(store, jnp.bfloat16)
     config = Store(store).config
     lora = LoraSettings(r=4, alpha=8, dropout=0.0)
-    model = llama.transformed(config, llama.ModelOptions("bfloat16", "bfloat16", remat=True, lora=lora))
+    model = llama.transformed(config, llama.ModelOptions("bfloat16", "bfloat16", remat=remat, lora=lora))
     trainable = jax.tree.map(jnp.asarray, init_lora_params(config, lora, 0))
     tokens = jnp.zeros((1, 16), jnp.int32)
 
@@ -129,12 +129,30 @@ def test_backward_matmuls_of_the_frozen_weights_stay_in_bf16(store):
     assert all(v.aval.dtype == jnp.bfloat16 for e in attention for v in e.invars), [str(e)[:200] for e in attention]
 
 
-def test_remat_does_not_recompute_attention_forward(store):
+def _weight_dots(dots: list, frozen: dict) -> list:
+    """The dot_generals that read a frozen matrix of the layer stack (one layer's, or its transpose)."""
+    shapes = {leaf.shape[1:] for module, leaves in frozen.items() if module.startswith("layers/")
+              for leaf in leaves.values() if leaf.ndim == 3}
+    shapes |= {s[::-1] for s in shapes}
+    return [e for e in dots if any(v.aval.ndim == 2 and v.aval.shape in shapes for v in e.invars)]
+
+
+@pytest.mark.parametrize("remat, per_layer", [("matmuls", 7 + 7), ("layer", 7 + 6 + 7), ("none", 7 + 7)])
+def test_what_each_remat_policy_recomputes(store, remat, per_layer):
+    """Matmuls on a layer's frozen weights in the differentiated step: each runs once forward and once
+    for the input's gradient (7 + 7). "matmuls" keeps their outputs, so nothing is recomputed, as
+    without remat; "layer" recomputes all but down_proj (whose output only the next layer reads)."""
+    dots, frozen = _step_dots(store, remat)
+    assert len(_weight_dots(dots, frozen)) == per_layer
+
+
+@pytest.mark.parametrize("remat", ["matmuls", "layer"])
+def test_remat_does_not_recompute_attention_forward(store, remat):
     """A rematerialised layer keeps attention's output and row statistics, so its backward pass runs
     attention's two forward matmuls once (the forward) and its own five (llama.decoder_layer): per
     query block, 7 batched matmuls in the differentiated layer body. Recomputing the forward would
     make it 9, and skipping no key blocks would make the blocks' keys longer, not fewer."""
-    dots, _ = _step_dots(store)
+    dots, _ = _step_dots(store, remat)
     batched = [e for e in dots if e.params["dimension_numbers"][1][0]]  # attention's; projections have none
     blocks = 16 // attention.block_length(16, causal=True)
     assert blocks == 4
@@ -158,7 +176,7 @@ def test_fast_step_follows_the_fp32_reference_for_50_steps(store):
     curves = {}
     for name, compute, dtype in (("fp32", "float32", jnp.float32), ("fast", "bfloat16", jnp.bfloat16)):
         fns = make_step_functions(config, lora, OptimizerSettings(lr=1e-2, warmup_steps=5, total_steps=50),
-                                  compute, remat=True, seed=0)
+                                  compute, remat="matmuls", seed=0)
         frozen = _frozen(store, dtype)
         state = fns.init(init_lora_params(config, lora, 0))
         losses = []

@@ -174,4 +174,4 @@ def _check_memory(settings: FinetuneSettings, config: LlamaConfig, mesh, device_
         errors["train.mesh"] = (f"does not fit: about {plan.total_bytes_per_device / 2 ** 30:.1f} GiB per device "
                                 f"with {mesh}, batch {t.batch_size} of {settings.data.max_seq_len} tokens, but a "
                                 f"device holds {device_memory / 2 ** 30:.1f} GiB (more model-parallel devices, "
-                                "a smaller batch or max_seq_len, or remat on)")
+                                "a smaller batch or max_seq_len, or remat layer)")
