@@ -122,7 +122,8 @@ def estimate(config: tuple) -> dict:
             "temp": plan.activation_bytes_per_device + plan.weight_copy_bytes_per_device
             + plan.gradient_bytes_per_device,
             "activation": plan.activation_bytes_per_device, "copies": plan.weight_copy_bytes_per_device,
-            "layer": plan.activation_terms["layer_saved"] + plan.activation_terms["attention_backward"],
+            "layer": plan.activation_terms["layer_saved"] + plan.activation_terms["attention_backward"]
+            + plan.activation_terms["model_parallel_reduce"],
             "head": plan.activation_terms["logits"],
             "total": plan.total_bytes_per_device}
 

@@ -64,6 +64,9 @@ class StepMemoryModel:
     scores_backward: int = 4 + 4 + 2 + 2  # [b,H_m,Tq,T] live in one layer's attention backward, which
     # recomputes them for one block of Tq queries at a time (attention.attend keeps no [T,T] residual):
     # fp32 probabilities and their gradient, bf16 probabilities and score gradient
+    model_parallel_reduce: int = 5 * 4  # [b,T,D] with model > 1: fp32 buffers of the all-reduces that sum
+    # the sharded projections' partial results into the replicated residual stream (and its gradient);
+    # five were live at the peak of one rebuilt layer's backward (small, model=8, T=4096)
     query_block: int | None = None  # Tq: the largest divisor of T not above this; None: the causal
     # block length attention.block_length gives
     logits: int = 4 + 2  # [b,c,V_m] per chunk of c tokens: fp32 logits and their bf16 gradient (the
@@ -193,6 +196,7 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
         "saved_projections": config.n_layers * tokens * ((h_m + 2 * k_m) * e + d + 2 * f_m) * step.saved_projections,
         "layer_saved": tokens * per_token,  # per layer, without remat
         "attention_backward": scores * step.scores_backward,  # one layer's, rebuilt in its backward
+        "model_parallel_reduce": tokens * d * step.model_parallel_reduce if m > 1 else 0,
         "logits": b * chunk * v_m * step.logits,
         "head_copies_with_accum": d * v_m * step.head_copies_with_accum if grad_accum > 1 else 0,
     }
@@ -203,12 +207,13 @@ def combine_activations(terms: dict[str, int], n_layers: int, remat: str) -> int
     live at once, so only the larger counts; without remat every layer's intermediates are live at both."""
     common = terms["head_copies_with_accum"]
     if check_policy(remat) != "none":  # one layer rebuilt: its intermediates and its attention backward
-        layer = terms["layer_saved"] + terms["attention_backward"]
+        layer = terms["layer_saved"] + terms["attention_backward"] + terms["model_parallel_reduce"]
         saved = terms["saved_layer_inputs"] + terms["saved_attention"]
         if remat == "matmuls":
             saved += terms["saved_projections"]
         return common + saved + max(terms["logits"], layer)
-    return common + n_layers * terms["layer_saved"] + max(terms["logits"], terms["attention_backward"])
+    return (common + n_layers * terms["layer_saved"]
+            + max(terms["logits"], terms["attention_backward"] + terms["model_parallel_reduce"]))
 
 
 def plan_memory(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: MeshShape, lora: LoraSettings,
