@@ -53,3 +53,13 @@ def test_overrides_and_errors(tmp_path):
     bad.write_text("train: [\n")
     with pytest.raises(JoraError, match="not valid YAML at line"):
         load_settings(bad)
+
+
+def test_remat_reads_the_policies_and_the_old_booleans(tmp_path):
+    path = tmp_path / "f.yaml"
+    for written, read in (("layer", "layer"), ("true", "matmuls"), ("false", "none")):
+        path.write_text(f"train:\n  remat: {written}\n")
+        assert load_settings(path).train.remat == read
+    path.write_text("train:\n  remat: sometimes\n")
+    with pytest.raises(JoraError, match="train.remat"):
+        load_settings(path)
