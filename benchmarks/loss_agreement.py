@@ -3,7 +3,7 @@
 Two runs of the real train step (`jora_model.train.make_step_functions`) on the same random weights of a
 preset's shape, the same LoRA initialisation, the same batches and the same dropout keys:
 
-* fast: what `jora train` runs by default: bf16 compute, bf16 frozen weights, remat, bf16 matmuls with
+* fast: what `jora train` runs by default: bf16 compute, bf16 frozen weights, remat `matmuls`, bf16 matmuls with
   fp32 accumulation forward and backward, the chunked output-head loss;
 * reference: fp32 compute and fp32 frozen weights (the same draws before rounding to bf16).
 
