@@ -26,7 +26,7 @@
 #      and `pip install -U "jax[cuda12]"`.
 #
 # Knobs (environment): PRESET (7B), ROUNDS (1), STEPS (10), WARMUP (3), PEFT_DTYPES ("bf16"),
-# OURS ("bf16,bf16,remat bf16,bf16,noremat"), TESTS (the two test files below),
+# OURS ("bf16,bf16,matmuls bf16,bf16,layer"), TESTS (the two test files below),
 # DRY_RUN=1 (CPU rehearsal: preset tiny, PEFT on cpu, no GPU checks; e.g.
 # DRY_RUN=1 PYTHON=.venv/bin/python bash benchmarks/gpu.sh).
 set -uo pipefail
@@ -59,7 +59,7 @@ else
 fi
 ROUNDS=${ROUNDS:-1}
 PEFT_DTYPES=${PEFT_DTYPES:-bf16}
-OURS=${OURS:-bf16,bf16,remat bf16,bf16,noremat}
+OURS=${OURS:-bf16,bf16,matmuls bf16,bf16,layer}
 
 # --- environment -------------------------------------------------------------------------------
 stamp "choosing the Python environment"
