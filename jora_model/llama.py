@@ -30,8 +30,8 @@ import numpy as np
 from .attention import Visibility, attend
 from .config import LlamaConfig
 from .dropout import dropout
-from .lora import LoraSettings
 from .kept import keeper, remat_layer
+from .lora import LoraSettings
 from .remat import check_policy
 
 @dataclasses.dataclass(frozen=True)
@@ -200,10 +200,10 @@ class Attention(hk.Module):
         k = Linear(k_heads * e, o, "k_proj", self.training)(x).reshape(b, t, k_heads, e)
         v = Linear(k_heads * e, o, "v_proj", self.training)(x).reshape(b, t, k_heads, e)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
+        if cache is None:  # training or scoring: what the backward pass reads (kept.py)
             kept = keeper(o.remat, projection=True)
             q, k, v = kept(q), kept(k), kept(v)
-        if cache is not None:
+        else:
             at = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
