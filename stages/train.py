@@ -21,7 +21,7 @@ from jora_model.remat import POLICIES
 
 from .base import StageResult, adapter_input, run_stage, upstream_key
 
-CODE_VERSION = "train-1"
+CODE_VERSION = "train-2"  # 2: LoRA dropout masks from a hash (jora_model/dropout.py), not threefry
 log = logging.getLogger("jora")
 
 
