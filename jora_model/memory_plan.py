@@ -45,9 +45,9 @@ class StepMemoryModel:
     Without remat every layer keeps its forward intermediates (none of them [T,T]) until its backward.
     With remat (remat.py) each layer keeps what its policy names, as integer bits (kept.py): its input
     and attention's output and row statistics, and under "matmuls" also q, k, v, the residual stream
-    after attention, gate and up; one layer at a time is rebuilt for its backward. Either way the peak comes inside one layer's backward or at the
-    head (one chunk's logits), whichever is larger: both are never live at once. Read off XLA's buffer
-    assignment of the step (CPU).
+    after attention, gate and up; one layer at a time is rebuilt for its backward. Either way the peak
+    comes inside one layer's backward or at the head (one chunk's logits), whichever is larger: both
+    are never live at once. Read off XLA's buffer assignment of the step (CPU).
     """
     saved_input: int = 2  # [b,T,D] layer input kept per layer under remat (bf16 bits)
     saved_attention: int = 2  # [b,T,H_m E] attention output kept per layer under remat (bf16 bits), and
@@ -247,7 +247,8 @@ def plan_memory(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: Mes
         param_dtype=param_dtype, frozen_bytes_per_device=frozen, lora_bytes_per_device=lora_bytes,
         optimizer_bytes_per_device=optimizer_bytes, gradient_bytes_per_device=2 * lora_bytes,
         batch_bytes_per_device=batch_bytes, weight_copy_bytes_per_device=copies,
-        activation_bytes_per_device=activations, activation_bytes_by_remat=by_remat, activation_terms=terms, total_bytes_per_device=total,
+        activation_bytes_per_device=activations, activation_bytes_by_remat=by_remat, activation_terms=terms,
+        total_bytes_per_device=total,
         device_memory=device_memory, fits=None if device_memory is None else total <= device_memory)
 
 
