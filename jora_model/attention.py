@@ -60,66 +60,77 @@ def block_length(t: int, causal: bool) -> int:
     return largest_divisor(t, limit)
 
 
+def _heads(q, k, v):
+    """Head-major copies: q [B, T, K, R, E] -> [B, K, R, T, E]; k, v [B, S, K, E] -> [B, K, S, E].
+    Every matmul of a block then has its batch dims (B, K) leading and its output in the layout the
+    next step reads, so XLA transposes each tensor once per layer, not once per block and product."""
+    return q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
 def _scores(q, k, visibility):
-    """Scaled, masked attention scores [B, K, R, T, S] in fp32."""
-    scores = jnp.einsum("btkre,bske->bkrts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    """Scaled, masked scores [B, K, R, Tq, S] in fp32; q [B, K, R, Tq, E], k [B, K, S, E]."""
+    scores = jnp.einsum("bkrte,bkse->bkrts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
     return jnp.where(visibility.mask()[:, None, None], scores, _MASKED)
 
 
 def _attend_block(q, k, v, visibility):
-    """(output [B, T, K, R, E] in q's dtype, row max and row sum of exp(scores - max), [B, K, R, T] fp32).
-    The output is normalised after the value matmul: T x E divisions instead of T x S."""
+    """(output [B, K, R, Tq, E] in q's dtype, row max and row sum of exp(scores - max), [B, K, R, Tq]
+    fp32), all head-major. The output is normalised after the value matmul: Tq x E divisions, not Tq x S."""
     scores = _scores(q, k, visibility)
     top = jnp.max(scores, axis=-1)
     weights = jnp.exp(scores - top[..., None])
     total = jnp.sum(weights, axis=-1)
-    out = jnp.einsum("bkrts,bske->btkre", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / total.transpose(0, 3, 1, 2)[..., None]).astype(q.dtype), top, total
+    out = jnp.einsum("bkrts,bkse->bkrte", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / total[..., None]).astype(q.dtype), top, total
 
 
-def _block_grads(q, k, v, visibility, out, top, total, grad):
-    """(dq, dk, dv) of one query block, dk and dv in fp32 (partial sums over the blocks). The
-    forward's row statistics give the softmax in one pass over the scores, without its reductions."""
+def _block_grads(q, k, v, visibility, row, top, total, grad):
+    """(dq, dk, dv) of one query block, head-major, dk and dv in fp32 (partial sums over the blocks).
+    The forward's row statistics give the softmax in one pass over the scores, without its reductions;
+    row = sum_e dout * out, which equals sum_s p dp since out = p v."""
     dtype, f32 = q.dtype, jnp.float32
     probs = jnp.exp(_scores(q, k, visibility) - top[..., None]) * (1.0 / total)[..., None]
-    dv = jnp.einsum("bkrts,btkre->bske", probs.astype(dtype), grad, preferred_element_type=f32)
-    dprobs = jnp.einsum("btkre,bske->bkrts", grad, v, preferred_element_type=f32)
-    # softmax backward: ds = p * (dp - sum_s p dp), and sum_s p dp = sum_e dout * out since out = p v
-    row = jnp.sum(grad.astype(f32) * out.astype(f32), axis=-1).transpose(0, 2, 3, 1)  # [B, K, R, T]
-    dscores = (probs * (dprobs - row[..., None]) * (q.shape[-1] ** -0.5)).astype(dtype)
-    dq = jnp.einsum("bkrts,bske->btkre", dscores, k, preferred_element_type=f32)
-    dk = jnp.einsum("bkrts,btkre->bske", dscores, q, preferred_element_type=f32)
+    dv = jnp.einsum("bkrts,bkrte->bkse", probs.astype(dtype), grad, preferred_element_type=f32)
+    dprobs = jnp.einsum("bkrte,bkse->bkrts", grad, v, preferred_element_type=f32)
+    dscores = (probs * (dprobs - row[..., None]) * (q.shape[-1] ** -0.5)).astype(dtype)  # softmax backward
+    dq = jnp.einsum("bkrts,bkse->bkrte", dscores, k, preferred_element_type=f32)
+    dk = jnp.einsum("bkrts,bkrte->bkse", dscores, q, preferred_element_type=f32)
     return dq.astype(dtype), dk, dv
 
 
-def _split(x, n):  # [B, T, ...] -> [n, B, T / n, ...]
-    return x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]).swapaxes(0, 1)
+def _split(x, n, axis):  # n query blocks along `axis`, stacked first: [..., T, ...] -> [n, ..., T / n, ...]
+    x = x.reshape(*x.shape[:axis], n, x.shape[axis] // n, *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
 
 
-def _join(x):  # [n, B, T / n, ...] -> [B, T, ...]
-    x = x.swapaxes(0, 1)
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+def _join(x, axis):  # the inverse of _split
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2:])
+
+
+def _query_blocks(visibility, n):  # the queries' half of Visibility, [n, B, T / n] each
+    return _split(visibility.q_index, n, 1), _split(visibility.q_segment, n, 1)
 
 
 def _forward(q, k, v, visibility, causal):
-    """(output, row max, row sum) over all query blocks: the output [B, T, K, R, E], the statistics
-    [B, K, R, T]."""
+    """(output [B, T, K, R, E], row max, row sum [B, K, R, T]) over all query blocks."""
     t = q.shape[1]
     n = t // block_length(t, causal)
+    q, k, v = _heads(q, k, v)
     if n == 1:
-        return _attend_block(q, k, v, visibility)
-    if causal:
+        out, top, total = _attend_block(q, k, v, visibility)
+    elif causal:
         size = t // n
-        blocks = [_attend_block(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size], v[:, :(i + 1) * size],
-                                visibility.rows(i * size, (i + 1) * size).keys((i + 1) * size))
+        blocks = [_attend_block(q[:, :, :, i * size:(i + 1) * size], k[:, :, :(i + 1) * size],
+                                v[:, :, :(i + 1) * size], visibility.rows(i * size, (i + 1) * size).keys((i + 1) * size))
                   for i in range(n)]
-        return (jnp.concatenate([b[0] for b in blocks], axis=1),
-                *(jnp.concatenate([b[j] for b in blocks], axis=-1) for j in (1, 2)))
-    out, top, total = jax.lax.map(
-        lambda xs: _attend_block(xs[0], k, v, visibility._replace(q_index=xs[1], q_segment=xs[2])),
-        (_split(q, n), _split(visibility.q_index, n), _split(visibility.q_segment, n)))
-    stats = lambda x: jnp.moveaxis(x, 0, -2).reshape(*x.shape[1:-1], t)  # noqa: E731  [n,B,K,R,T/n] -> [B,K,R,T]
-    return _join(out), stats(top), stats(total)
+        out, top, total = (jnp.concatenate([b[j] for b in blocks], axis=3) for j in range(3))
+    else:
+        out, top, total = jax.lax.map(
+            lambda xs: _attend_block(xs[0], k, v, visibility._replace(q_index=xs[1], q_segment=xs[2])),
+            (_split(q, n, 3), *_query_blocks(visibility, n)))
+        out, top, total = (_join(x, 3) for x in (out, top, total))
+    return out.transpose(0, 3, 1, 2, 4), top, total
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -145,39 +156,40 @@ def _attend_bwd(causal, residuals, grad):
     and keep fp32 [T, S] residuals."""
     q, k, v, visibility, out, top, total = residuals
     grad = grad.astype(q.dtype)
-    t = q.shape[1]
+    t, kv_dtype = q.shape[1], k.dtype
     n = t // block_length(t, causal)
     no_grads = jax.tree.map(lambda _: None, visibility)
+    row = jnp.sum(grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 3, 1)
+    q, k, v = _heads(q, k, v)
+    grad = grad.transpose(0, 2, 3, 1, 4)
     if n == 1:
-        dq, dk, dv = _block_grads(q, k, v, visibility, out, top, total, grad)
+        dq, dk, dv = _block_grads(q, k, v, visibility, row, top, total, grad)
     elif causal:
         size = t // n
         dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
         dqs = []
         for i in range(n):
             rows, end = slice(i * size, (i + 1) * size), (i + 1) * size
-            dq_i, dk_i, dv_i = _block_grads(q[:, rows], k[:, :end], v[:, :end],
-                                            visibility.rows(i * size, end).keys(end), out[:, rows],
-                                            top[..., rows], total[..., rows], grad[:, rows])
+            dq_i, dk_i, dv_i = _block_grads(q[:, :, :, rows], k[:, :, :end], v[:, :, :end],
+                                            visibility.rows(i * size, end).keys(end), row[..., rows],
+                                            top[..., rows], total[..., rows], grad[:, :, :, rows])
             dqs.append(dq_i)
-            dk, dv = dk.at[:, :end].add(dk_i), dv.at[:, :end].add(dv_i)
-        dq = jnp.concatenate(dqs, axis=1)
+            dk, dv = dk.at[:, :, :end].add(dk_i), dv.at[:, :, :end].add(dv_i)
+        dq = jnp.concatenate(dqs, axis=3)
     else:
         def block(carry, xs):
-            q_i, q_index, q_segment, out_i, top_i, total_i, grad_i = xs
+            q_i, q_index, q_segment, row_i, top_i, total_i, grad_i = xs
             rows = visibility._replace(q_index=q_index, q_segment=q_segment)
-            dq_i, dk_i, dv_i = _block_grads(q_i, k, v, rows, out_i, top_i, total_i, grad_i)
+            dq_i, dk_i, dv_i = _block_grads(q_i, k, v, rows, row_i, top_i, total_i, grad_i)
             return (carry[0] + dk_i, carry[1] + dv_i), dq_i
-
-        def stats(x):  # [B, K, R, T] -> [n, B, K, R, T / n]
-            return jnp.moveaxis(x.reshape(*x.shape[:-1], n, t // n), -2, 0)
 
         zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
         (dk, dv), dq = jax.lax.scan(block, zeros, (
-            *(_split(x, n) for x in (q, visibility.q_index, visibility.q_segment, out)),
-            stats(top), stats(total), _split(grad, n)))
-        dq = _join(dq)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), no_grads
+            _split(q, n, 3), *_query_blocks(visibility, n), *(_split(x, n, 3) for x in (row, top, total)),
+            _split(grad, n, 3)))
+        dq = _join(dq, 3)
+    return (dq.transpose(0, 3, 1, 2, 4), dk.transpose(0, 2, 1, 3).astype(kv_dtype),
+            dv.transpose(0, 2, 1, 3).astype(kv_dtype), no_grads)
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)

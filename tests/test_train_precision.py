@@ -158,7 +158,7 @@ def test_remat_does_not_recompute_attention_forward(store, remat):
     assert blocks == 4
     assert len(batched) == 7 * blocks, len(batched)
     # the causal blocks read only the keys up to their own end: 4, 8, 12 and 16 of them
-    key_lengths = sorted({v.aval.shape[1] for e in batched for v in e.invars if v.aval.ndim == 4})  # k, v [B,S,K,E]
+    key_lengths = sorted({v.aval.shape[2] for e in batched for v in e.invars if v.aval.ndim == 4})  # k, v [B,K,S,E]
     assert key_lengths == [4, 8, 12, 16], key_lengths
 
 
