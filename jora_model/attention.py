@@ -60,23 +60,23 @@ def block_length(t: int, causal: bool) -> int:
     return largest_divisor(t, limit)
 
 
-def _heads(q, k, v):
-    """Head-major copies: q [B, T, K, R, E] -> [B, K, R, T, E]; k, v [B, S, K, E] -> [B, K, S, E].
-    Every matmul of a block then has its batch dims (B, K) leading and its output in the layout the
-    next step reads, so XLA transposes each tensor once per layer, not once per block and product."""
-    return q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+def _heads(x: jax.Array) -> jax.Array:
+    """Head-major: q [B, T, K, R, E] -> [B, K, R, T, E]; k, v [B, S, K, E] -> [B, K, S, E]. Every
+    product of a block then has its batch dims (B, K) leading and its operands in the layout XLA's
+    CPU dot reads, so each tensor is transposed once per layer, not once per block and product."""
+    return x.transpose(0, 2, 3, 1, 4) if x.ndim == 5 else x.transpose(0, 2, 1, 3)
 
 
-def _scores(q, k, visibility):
-    """Scaled, masked scores [B, K, R, Tq, S] in fp32; q [B, K, R, Tq, E], k [B, K, S, E]."""
-    scores = jnp.einsum("bkrte,bkse->bkrts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+def _scores(q, kt, visibility):
+    """Scaled, masked scores [B, K, R, Tq, S] in fp32; q [B, K, R, Tq, E], kt = k^T [B, K, E, S]."""
+    scores = jnp.einsum("bkrte,bkes->bkrts", q, kt, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
     return jnp.where(visibility.mask()[:, None, None], scores, _MASKED)
 
 
-def _attend_block(q, k, v, visibility):
+def _attend_block(q, kt, v, visibility):
     """(output [B, K, R, Tq, E] in q's dtype, row max and row sum of exp(scores - max), [B, K, R, Tq]
     fp32), all head-major. The output is normalised after the value matmul: Tq x E divisions, not Tq x S."""
-    scores = _scores(q, k, visibility)
+    scores = _scores(q, kt, visibility)
     top = jnp.max(scores, axis=-1)
     weights = jnp.exp(scores - top[..., None])
     total = jnp.sum(weights, axis=-1)
@@ -84,18 +84,20 @@ def _attend_block(q, k, v, visibility):
     return (out / total[..., None]).astype(q.dtype), top, total
 
 
-def _block_grads(q, k, v, visibility, row, top, total, grad):
-    """(dq, dk, dv) of one query block, head-major, dk and dv in fp32 (partial sums over the blocks).
-    The forward's row statistics give the softmax in one pass over the scores, without its reductions;
-    row = sum_e dout * out, which equals sum_s p dp since out = p v."""
+def _block_grads(q, k, kt, vt, visibility, row, top, total, grad):
+    """(dq, dk^T, dv^T) of one query block, head-major; dk^T and dv^T [B, K, E, S] in fp32 (partial
+    sums over the blocks). They are computed transposed so that the [Tq, S] probabilities and their
+    gradient are read row by row, as written, never copied transposed. The forward's row statistics
+    give the softmax in one pass over the scores, without its reductions; row = sum_e dout * out,
+    which equals sum_s p dp since out = p v."""
     dtype, f32 = q.dtype, jnp.float32
-    probs = jnp.exp(_scores(q, k, visibility) - top[..., None]) * (1.0 / total)[..., None]
-    dv = jnp.einsum("bkrts,bkrte->bkse", probs.astype(dtype), grad, preferred_element_type=f32)
-    dprobs = jnp.einsum("bkrte,bkse->bkrts", grad, v, preferred_element_type=f32)
+    probs = jnp.exp(_scores(q, kt, visibility) - top[..., None]) * (1.0 / total)[..., None]
+    dvt = jnp.einsum("bkrte,bkrts->bkes", grad, probs.astype(dtype), preferred_element_type=f32)
+    dprobs = jnp.einsum("bkrte,bkes->bkrts", grad, vt, preferred_element_type=f32)
     dscores = (probs * (dprobs - row[..., None]) * (q.shape[-1] ** -0.5)).astype(dtype)  # softmax backward
     dq = jnp.einsum("bkrts,bkse->bkrte", dscores, k, preferred_element_type=f32)
-    dk = jnp.einsum("bkrts,bkrte->bkse", dscores, q, preferred_element_type=f32)
-    return dq.astype(dtype), dk, dv
+    dkt = jnp.einsum("bkrte,bkrts->bkes", q, dscores, preferred_element_type=f32)
+    return dq.astype(dtype), dkt, dvt
 
 
 def _split(x, n, axis):  # n query blocks along `axis`, stacked first: [..., T, ...] -> [n, ..., T / n, ...]
@@ -116,18 +118,19 @@ def _forward(q, k, v, visibility, causal):
     """(output [B, T, K, R, E], row max, row sum [B, K, R, T]) over all query blocks."""
     t = q.shape[1]
     n = t // block_length(t, causal)
-    q, k, v = _heads(q, k, v)
+    q, v = _heads(q), _heads(v)
+    kt = _heads(k).swapaxes(-1, -2)
     if n == 1:
-        out, top, total = _attend_block(q, k, v, visibility)
+        out, top, total = _attend_block(q, kt, v, visibility)
     elif causal:
         size = t // n
-        blocks = [_attend_block(q[:, :, :, i * size:(i + 1) * size], k[:, :, :(i + 1) * size],
+        blocks = [_attend_block(q[:, :, :, i * size:(i + 1) * size], kt[..., :(i + 1) * size],
                                 v[:, :, :(i + 1) * size], visibility.rows(i * size, (i + 1) * size).keys((i + 1) * size))
                   for i in range(n)]
         out, top, total = (jnp.concatenate([b[j] for b in blocks], axis=3) for j in range(3))
     else:
         out, top, total = jax.lax.map(
-            lambda xs: _attend_block(xs[0], k, v, visibility._replace(q_index=xs[1], q_segment=xs[2])),
+            lambda xs: _attend_block(xs[0], kt, v, visibility._replace(q_index=xs[1], q_segment=xs[2])),
             (_split(q, n, 3), *_query_blocks(visibility, n)))
         out, top, total = (_join(x, 3) for x in (out, top, total))
     return out.transpose(0, 3, 1, 2, 4), top, total
@@ -160,36 +163,37 @@ def _attend_bwd(causal, residuals, grad):
     n = t // block_length(t, causal)
     no_grads = jax.tree.map(lambda _: None, visibility)
     row = jnp.sum(grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 3, 1)
-    q, k, v = _heads(q, k, v)
-    grad = grad.transpose(0, 2, 3, 1, 4)
+    q, k, grad = _heads(q), _heads(k), _heads(grad)
+    kt, vt = k.swapaxes(-1, -2), _heads(v).swapaxes(-1, -2)
     if n == 1:
-        dq, dk, dv = _block_grads(q, k, v, visibility, row, top, total, grad)
+        dq, dkt, dvt = _block_grads(q, k, kt, vt, visibility, row, top, total, grad)
     elif causal:
         size = t // n
-        dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+        dkt, dvt = jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32)
         dqs = []
         for i in range(n):
             rows, end = slice(i * size, (i + 1) * size), (i + 1) * size
-            dq_i, dk_i, dv_i = _block_grads(q[:, :, :, rows], k[:, :, :end], v[:, :, :end],
-                                            visibility.rows(i * size, end).keys(end), row[..., rows],
-                                            top[..., rows], total[..., rows], grad[:, :, :, rows])
+            dq_i, dkt_i, dvt_i = _block_grads(q[:, :, :, rows], k[:, :, :end], kt[..., :end], vt[..., :end],
+                                              visibility.rows(i * size, end).keys(end), row[..., rows],
+                                              top[..., rows], total[..., rows], grad[:, :, :, rows])
             dqs.append(dq_i)
-            dk, dv = dk.at[:, :, :end].add(dk_i), dv.at[:, :, :end].add(dv_i)
+            dkt, dvt = dkt.at[..., :end].add(dkt_i), dvt.at[..., :end].add(dvt_i)
         dq = jnp.concatenate(dqs, axis=3)
     else:
         def block(carry, xs):
             q_i, q_index, q_segment, row_i, top_i, total_i, grad_i = xs
             rows = visibility._replace(q_index=q_index, q_segment=q_segment)
-            dq_i, dk_i, dv_i = _block_grads(q_i, k, v, rows, row_i, top_i, total_i, grad_i)
-            return (carry[0] + dk_i, carry[1] + dv_i), dq_i
+            dq_i, dkt_i, dvt_i = _block_grads(q_i, k, kt, vt, rows, row_i, top_i, total_i, grad_i)
+            return (carry[0] + dkt_i, carry[1] + dvt_i), dq_i
 
-        zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-        (dk, dv), dq = jax.lax.scan(block, zeros, (
+        zeros = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32))
+        (dkt, dvt), dq = jax.lax.scan(block, zeros, (
             _split(q, n, 3), *_query_blocks(visibility, n), *(_split(x, n, 3) for x in (row, top, total)),
             _split(grad, n, 3)))
         dq = _join(dq, 3)
-    return (dq.transpose(0, 3, 1, 2, 4), dk.transpose(0, 2, 1, 3).astype(kv_dtype),
-            dv.transpose(0, 2, 1, 3).astype(kv_dtype), no_grads)
+    back = (0, 3, 1, 2)  # [B, K, E, S] -> [B, S, K, E]
+    return (dq.transpose(0, 3, 1, 2, 4), dkt.transpose(back).astype(kv_dtype), dvt.transpose(back).astype(kv_dtype),
+            no_grads)
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
