@@ -32,6 +32,7 @@ from .config import LlamaConfig
 from .dropout import dropout
 from .kept import keeper, remat_layer
 from .lora import LoraSettings
+from .norm_act import rms_norm, swiglu
 from .remat import check_policy
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +151,7 @@ class RMSNorm(hk.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
         scale = _get_parameter("scale", [x.shape[-1]], jnp.dtype(self.options.param_dtype), init=jnp.ones)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        cdt = jnp.dtype(self.options.compute_dtype)
-        # Like both references: normalise in fp32, cast back, then scale.
-        return normed.astype(cdt) * scale.astype(cdt)
+        return rms_norm(x.astype(self.options.compute_dtype), scale, self.eps)
 
 
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -225,7 +222,7 @@ class MLP(hk.Module):
         up = Linear(c.ffn_dim, o, "up_proj", self.training)(x)
         kept = keeper(o.remat, projection=True)
         gate, up = kept(gate), kept(up)
-        return Linear(c.dim, o, "down_proj", self.training)(jax.nn.silu(gate) * up)
+        return Linear(c.dim, o, "down_proj", self.training)(swiglu(gate, up))
 
 
 def decoder_layer(config: LlamaConfig, options: ModelOptions, training: bool) -> Callable:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jora_model import attention, llama, loss
+from jora_model import attention, llama, loss, norm_act
 from jora_model.lora import LoraSettings, init_lora_params, merge_params
 from jora_model.store import Store, load_params
 from jora_model.train import OptimizerSettings, make_step_functions
@@ -46,6 +46,37 @@ def test_custom_matmul_backward_equals_autodiff_in_fp32():
     plain = jax.grad(loss(lambda x, w: jnp.matmul(x, w)), argnums=(0, 1))(x, w)
     for a, b in zip(ours, plain):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_norm_and_swiglu_backward_equal_autodiff():
+    """The hand-written backward passes of RMSNorm and SwiGLU (norm_act.py) against autodiff of the
+    plain formulas: equal in fp32 (scale's gradient too); in bf16 within bf16 rounding of the result."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 5, 16)) * 3, jnp.float32)
+    up = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    scale = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def plain_norm(x, scale):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-5)
+        return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+    pairs = [(lambda x, s: norm_act.rms_norm(x, s, 1e-5), plain_norm, scale),
+             (norm_act.swiglu, lambda g, u: jax.nn.silu(g) * u, up)]
+    for ours, plain, second in pairs:
+        def loss(f):
+            return lambda a, b: jnp.sum(jnp.sin(f(a, b).astype(jnp.float32)) * probe)
+        np.testing.assert_allclose(ours(x, second), plain(x, second), rtol=1e-6, atol=1e-6)
+        mine = jax.grad(loss(ours), argnums=(0, 1))(x, second)
+        reference = jax.grad(loss(plain), argnums=(0, 1))(x, second)
+        for a, b in zip(mine, reference):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        # bf16: the same gradient to within bf16's rounding (8 bits of mantissa, a few ops deep)
+        xb, sb = x.astype(jnp.bfloat16), second.astype(jnp.bfloat16)
+        mine = jax.grad(loss(ours), argnums=(0, 1))(xb, sb)[0].astype(jnp.float32)
+        exact = jax.grad(loss(plain), argnums=(0, 1))(xb.astype(jnp.float32), sb.astype(jnp.float32))[0]
+        np.testing.assert_allclose(mine, exact, rtol=3e-2, atol=3e-2 * float(jnp.max(jnp.abs(exact))))
 
 
 @pytest.mark.parametrize("causal", [True, False])
