@@ -60,7 +60,9 @@ class StepMemoryModel:
     dropout_input: int = 4  # [b,T,in] per LoRA target: its dropped-out input (fp32), kept for dA
     lora_mid: int = 4  # [b,T,r] per LoRA target: x @ A (fp32)
     qkv: int = 2 + 4  # [b,T,width] of q, k and v: bf16 and the fp32 rotary result
-    mlp: int = 5 * 2 + 4 * 4  # [b,T,F_m]: gate, up, silu, product in bf16 and their fp32 forms
+    mlp: int = 16  # [b,T,F_m]: gate, up and silu(gate) * up in bf16 (what swiglu's and down_proj's
+    # backward read) and about 10 bytes of the MLP backward's fp32 and bf16 gradients; fitted to XLA's
+    # account at small and base110m once norm_act.py replaced autodiff's fp32 chain (was 26)
     scores_backward: int = 4 + 4 + 2 + 2  # [b,H_m,Tq,T] live in one layer's attention backward, which
     # recomputes them for one block of Tq queries at a time (attention.attend keeps no [T,T] residual):
     # fp32 probabilities and their gradient, bf16 probabilities and score gradient
