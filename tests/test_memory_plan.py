@@ -29,10 +29,10 @@ QV16 = LoraSettings(r=16, alpha=16, targets=("q_proj", "v_proj"))
 # Llama-2-7B by hand (README, "Will it fit?"): D 4096, L 32, F 11008, V 32000, 32 heads of 128.
 D, L, F, V, H, T = 4096, 32, 11008, 32000, 32, 512
 # one rebuilt layer's backward: per token the residual stream (fp32 norms and sums 16 + bf16 inputs 4),
-# the dropped fp32 inputs of q and v, x @ A for both, q/k/v (bf16 + fp32), the MLP's gate/up/product;
+# the dropped fp32 inputs of q and v, x @ A for both, q/k/v (bf16 + fp32), the MLP's gate/up/product and gradients;
 # per [head, Tq, T] (the largest causal block: Tq = 512 / 4 queries over all T keys) the attention
 # backward's recomputed weights and their gradient, fp32 and bf16
-LAYER_BACKWARD = T * (20 * D + 2 * 4 * D + 2 * 4 * 16 + 6 * 3 * D + 26 * F) + 12 * H * (T // 4) * T
+LAYER_BACKWARD = T * (20 * D + 2 * 4 * D + 2 * 4 * 16 + 6 * 3 * D + 16 * F) + 12 * H * (T // 4) * T
 HAND_7B = {
     "frozen": 6_738_415_616 * 2,  # the published parameter count, bf16
     "lora": L * 2 * (D * 16 + 16 * D) * 4,  # q and v: A [D,16] + B [16,D] per layer, fp32
