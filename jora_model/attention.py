@@ -124,8 +124,8 @@ def _forward(q, k, v, visibility, causal):
         out, top, total = _attend_block(q, kt, v, visibility)
     elif causal:
         size = t // n
-        blocks = [_attend_block(q[:, :, :, i * size:(i + 1) * size], kt[..., :(i + 1) * size],
-                                v[:, :, :(i + 1) * size], visibility.rows(i * size, (i + 1) * size).keys((i + 1) * size))
+        blocks = [_attend_block(q[:, :, :, i * size:(i + 1) * size], kt[..., :(i + 1) * size], v[:, :, :(i + 1) * size],
+                                visibility.rows(i * size, (i + 1) * size).keys((i + 1) * size))
                   for i in range(n)]
         out, top, total = (jnp.concatenate([b[j] for b in blocks], axis=3) for j in range(3))
     else:
@@ -159,7 +159,7 @@ def _attend_bwd(causal, residuals, grad):
     and keep fp32 [T, S] residuals."""
     q, k, v, visibility, out, top, total = residuals
     grad = grad.astype(q.dtype)
-    t, kv_dtype = q.shape[1], k.dtype
+    t = q.shape[1]
     n = t // block_length(t, causal)
     no_grads = jax.tree.map(lambda _: None, visibility)
     row = jnp.sum(grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 3, 1)
@@ -192,8 +192,8 @@ def _attend_bwd(causal, residuals, grad):
             _split(grad, n, 3)))
         dq = _join(dq, 3)
     back = (0, 3, 1, 2)  # [B, K, E, S] -> [B, S, K, E]
-    return (dq.transpose(0, 3, 1, 2, 4), dkt.transpose(back).astype(kv_dtype), dvt.transpose(back).astype(kv_dtype),
-            no_grads)
+    dk, dv = dkt.transpose(back).astype(k.dtype), dvt.transpose(back).astype(v.dtype)
+    return dq.transpose(0, 3, 1, 2, 4), dk, dv, no_grads
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)

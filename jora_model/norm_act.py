@@ -27,7 +27,7 @@ def _normalise(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """normalise(x) in fp32, cast to x's dtype, times scale in x's dtype (as both references do)."""
-    return _normalise(x, eps)[0].astype(x.dtype) * scale.astype(x.dtype)
+    return _rms_norm_fwd(x, scale, eps)[0]
 
 
 def _rms_norm_fwd(x, scale, eps):
