@@ -21,7 +21,8 @@ from jora_model.remat import POLICIES
 
 from .base import StageResult, adapter_input, run_stage, upstream_key
 
-CODE_VERSION = "train-2"  # 2: LoRA dropout masks from a hash (jora_model/dropout.py), not threefry
+CODE_VERSION = "train-3"  # 2: LoRA dropout masks from a hash (jora_model/dropout.py), not threefry;
+# 3: SwiGLU rounds to bf16 once (jora_model/norm_act.py) and attention sums its gradients in another order
 log = logging.getLogger("jora")
 
 
