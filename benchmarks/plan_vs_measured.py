@@ -70,7 +70,7 @@ CHILD = textwrap.dedent("""
     mesh = sharding.make_mesh(shape)
     fns = make_step_functions(config, lora, OptimizerSettings(total_steps=10), "bfloat16", remat, mesh=mesh)
     shape3 = (accum, batch, seq)
-    memory = fns.train_step.lower(*abstract_arguments(config, fns, mesh, shape3)).compile().memory_analysis()
+    memory = fns.train_step.compiled(*abstract_arguments(config, fns, mesh, shape3)).memory_analysis()
     out = {"argument": memory.argument_size_in_bytes, "temp": memory.temp_size_in_bytes,
            "output": memory.output_size_in_bytes, "alias": memory.alias_size_in_bytes}
     if run_steps:
