@@ -82,14 +82,14 @@ def shape_child(preset: str) -> None:
     print(json.dumps(lookup(preset).to_dict()))
 
 
-def peft_child(spec: dict) -> None:
-    """One PEFT measurement; prints one JSON line."""
+def peft_step(spec: dict):
+    """PEFT's model and one training step for `spec` (shape, dtype, seq, batch, attn, threads, device):
+    (step, model, trainable); step() runs forward, backward, clip, AdamW and returns the loss.
+    Shared with benchmarks/paired_peft.py, which runs it beside ours in one process."""
     import numpy as np
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import peft
-    import transformers
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -104,7 +104,6 @@ def peft_child(spec: dict) -> None:
         max_position_embeddings=s["max_seq_len"], tie_word_embeddings=False, use_cache=False,
         attn_implementation=spec["attn"])
     torch.manual_seed(0)
-    started = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(build_dtype)
     try:
@@ -115,7 +114,6 @@ def peft_child(spec: dict) -> None:
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                                              target_modules=list(TARGETS), task_type="CAUSAL_LM"))
     model.train()
-    build_s = time.perf_counter() - started
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     ids = np.random.default_rng(0).integers(0, s["vocab_size"], (1, spec["batch"], spec["seq"]), dtype=np.int32)[0]
@@ -136,6 +134,22 @@ def peft_child(spec: dict) -> None:
         if cuda:
             torch.cuda.synchronize()
         return value
+
+    return step, model, trainable
+
+
+def peft_child(spec: dict) -> None:
+    """One PEFT measurement; prints one JSON line."""
+    import peft
+    import torch
+    import transformers
+
+    started = time.perf_counter()
+    step, model, trainable = peft_step(spec)
+    build_s = time.perf_counter() - started
+    device = torch.device(spec["device"])
+    mode = spec["dtype"]
+    cuda = device.type == "cuda"
 
     if cuda:
         torch.cuda.synchronize()

@@ -86,35 +86,53 @@ def random_frozen(config: LlamaConfig, mesh, dtype: str, seed: int = 0) -> dict:
     return params
 
 
+class PreparedStep:
+    """The real train step compiled for `settings`, with random weights, a fresh adapter and one
+    random batch in place; `run()` takes one optimizer step and returns its loss (waiting for it).
+    Shared by run_bench and benchmarks/paired_peft.py, which alternates it with PEFT's step."""
+
+    def __init__(self, settings: BenchSettings):
+        import jax
+
+        from . import sharding
+        from .train import OptimizerSettings, abstract_arguments, make_step_functions
+        from .trainer import _mesh_shape
+
+        self.settings = settings
+        self.config = config = preset(settings.preset)
+        self.mesh_shape = shape = _mesh_shape(settings.mesh)
+        sharding.check_divisible(config, shape, settings.batch)
+        self.mesh = mesh = sharding.make_mesh(shape)
+        optimizer = OptimizerSettings(total_steps=max(settings.steps + settings.warmup, 1))
+        self.fns = fns = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype,
+                                             settings.remat, mesh=mesh)
+        shape3 = (settings.grad_accum, settings.batch, settings.seq)
+        # compiled before the weights exist, as the trainer does (see AheadOfTime.prepare)
+        fns.train_step.prepare(*abstract_arguments(config, fns, mesh, shape3, settings.param_dtype))
+        self.frozen = random_frozen(config, mesh, settings.param_dtype)
+        lora = init_lora_params(config, settings.lora, 0)
+        self.state = fns.init(jax.device_put(lora, fns.state_shardings.lora))
+        rng = np.random.default_rng(0)
+        self.batch = jax.device_put({
+            "input_ids": rng.integers(0, config.vocab_size, shape3, dtype=np.int32),
+            "loss_mask": np.ones(shape3, bool), "segment_ids": np.ones(shape3, np.int32)},
+            sharding.batch_sharding(mesh))
+
+    def run(self) -> float:
+        self.state, metrics = self.fns.train_step(self.state, self.frozen, self.batch)
+        return float(metrics.loss)  # waits for the step
+
+
 def run_bench(settings: BenchSettings) -> dict[str, Any]:
     import jax
 
-    from . import sharding
-    from .train import OptimizerSettings, abstract_arguments, make_step_functions
-    from .trainer import _mesh_shape
-
-    config = preset(settings.preset)
-    shape = _mesh_shape(settings.mesh)
-    sharding.check_divisible(config, shape, settings.batch)
-    mesh = sharding.make_mesh(shape)
-    optimizer = OptimizerSettings(total_steps=settings.steps + settings.warmup)
-    fns = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype, settings.remat, mesh=mesh)
-    shape3 = (settings.grad_accum, settings.batch, settings.seq)
-    # compiled before the weights exist, as the trainer does (see AheadOfTime.prepare)
-    fns.train_step.prepare(*abstract_arguments(config, fns, mesh, shape3, settings.param_dtype))
-    frozen = random_frozen(config, mesh, settings.param_dtype)
-    lora = init_lora_params(config, settings.lora, 0)
-    state = fns.init(jax.device_put(lora, fns.state_shardings.lora))
-    rng = np.random.default_rng(0)
-    batch = jax.device_put({
-        "input_ids": rng.integers(0, config.vocab_size, shape3, dtype=np.int32),
-        "loss_mask": np.ones(shape3, bool), "segment_ids": np.ones(shape3, np.int32)},
-        sharding.batch_sharding(mesh))
+    prepared = PreparedStep(settings)
+    config, fns = prepared.config, prepared.fns
     times, cpu_times = [], []
+    loss = float("nan")
     for i in range(settings.warmup + settings.steps):
         start, cpu_start = time.perf_counter(), time.process_time()
-        state, metrics = fns.train_step(state, frozen, batch)
-        float(metrics.loss)  # waits for the step
+        loss = prepared.run()
         if i >= settings.warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
@@ -132,16 +150,17 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
 
     out = {
         "preset": settings.preset, "seq": settings.seq, "batch": settings.batch, "grad_accum": settings.grad_accum,
-        "mesh": str(shape), "devices": len(jax.devices()), "platform": device.platform,
+        "mesh": str(prepared.mesh_shape), "devices": len(jax.devices()), "platform": device.platform,
         "compute_dtype": settings.compute_dtype, "param_dtype": settings.param_dtype, "remat": settings.remat,
         "median_step_s": step_s, "min_step_s": min(times), "tokens_per_s": tokens / step_s,
         # CPU time of all this process's threads per step: on a shared machine it moves less with
         # other jobs than wall time does (contention stretches a step, not the work in it)
         "median_step_cpu_s": statistics.median(cpu_times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "frozen_bytes_per_device": bytes_on(frozen), "trainable_state_bytes_per_device": bytes_on(state),
+        "frozen_bytes_per_device": bytes_on(prepared.frozen),
+        "trainable_state_bytes_per_device": bytes_on(prepared.state),
         "params": config.param_count(), "model_flops_per_s": flops, "matmul_peak_flops_per_s": peak,
-        "fraction_of_matmul_peak": flops / peak, "final_loss": float(metrics.loss),
+        "fraction_of_matmul_peak": flops / peak, "final_loss": loss,
     }
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
