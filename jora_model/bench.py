@@ -98,7 +98,6 @@ class PreparedStep:
         from .train import OptimizerSettings, abstract_arguments, make_step_functions
         from .trainer import _mesh_shape
 
-        self.settings = settings
         self.config = config = preset(settings.preset)
         self.mesh_shape = shape = _mesh_shape(settings.mesh)
         sharding.check_divisible(config, shape, settings.batch)

@@ -99,7 +99,7 @@ class AheadOfTime:
         return compiled
 
     def prepare(self, *abstract_args) -> None:
-        self._compile(self._key(abstract_args), abstract_args)
+        self.compiled(*abstract_args)
 
     @property
     def compiled_signatures(self) -> int:
