@@ -24,20 +24,16 @@ import time
 from pathlib import Path
 
 from _report import loadavg, write_section  # noqa: E402  (benchmarks/ is on sys.path)
+from peft_compare import machine_facts  # noqa: E402  (imports no torch or JAX)
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Training speed vs PEFT, paired in one process"
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 def paired_child(spec: dict) -> None:
     """Build both steps for one preset, alternate them, print one JSON line."""
     sys.path.insert(0, str(REPO))
-    from peft_compare import peft_step
+    from peft_compare import peft_step  # imports torch when called, in this child only
     from jora_model.bench import BenchSettings, PreparedStep
     from jora_model.config import preset
 
@@ -62,19 +58,23 @@ def paired_child(spec: dict) -> None:
 def summarise(result: dict, tokens: int) -> dict:
     ours, peft = result["times"]["ours"], result["times"]["peft"]
     speedup = [p / o for o, p in zip(ours, peft)]  # > 1: ours faster, pair by pair
+    q25, _, q75 = statistics.quantiles(speedup, n=4)
     return {
         "preset": result["preset"], "pairs": len(ours),
         "ours_median_s": statistics.median(ours), "peft_median_s": statistics.median(peft),
         "ours_tokens_per_s": tokens / statistics.median(ours), "peft_tokens_per_s": tokens / statistics.median(peft),
-        "speedup_median": statistics.median(speedup), "speedup_q25": quantile(speedup, 0.25),
-        "speedup_q75": quantile(speedup, 0.75), "ratio_of_medians": statistics.median(peft) / statistics.median(ours),
+        "speedup_median": statistics.median(speedup), "speedup_q25": q25, "speedup_q75": q75,
+        "ratio_of_medians": statistics.median(peft) / statistics.median(ours),
         "ours_min_s": min(ours), "peft_min_s": min(peft),
         "final_loss": result["losses"],
     }
 
 
 def render(command: str, meta: dict, rows: list[dict]) -> str:
+    f = meta["facts"]
     lines = [SECTION, "", f"Measured {meta['when']} with", "", "```", command, "```", "",
+             f"Machine: {f['nproc']} CPUs ({f['cpu']}), {f['ram_gib']:.1f} GiB RAM, Linux {f['kernel']}, Python "
+             f"{f['python']}, jax {f['jax']}, torch {f['torch']}, transformers {f['transformers']}, peft {f['peft']}. "
              f"Load average {meta['load_start']} at start, {meta['load_end']} at the end. One process per preset "
              f"builds our step (`jora bench`'s defaults: bf16 compute, bf16 frozen weights, remat matmuls) and "
              f"PEFT bf16's (the model, LoRA r16 on q_proj/v_proj, AdamW and batch of \"Training speed and memory vs "
@@ -82,8 +82,8 @@ def render(command: str, meta: dict, rows: list[dict]) -> str:
              f"with {meta['pause']} s between steps. Speedup = PEFT's step time / ours, pair by pair (>1: ours "
              "faster); its median and quartiles are the figures to read. No memory here: peak RSS comes from the "
              "separate runs above.", "",
-             "| preset | pairs | ours s (median) | PEFT s (median) | ours tokens/s | PEFT tokens/s | speedup, median of pairs "
-             "| quartiles | ratio of medians | fastest step, ours / PEFT |",
+             "| preset | pairs | ours s (median) | PEFT s (median) | ours tokens/s | PEFT tokens/s "
+             "| speedup, median of pairs | quartiles | ratio of medians | fastest step, ours / PEFT |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['pairs']} | {r['ours_median_s']:.3f} | {r['peft_median_s']:.3f} | "
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="replace this script's section of RESULTS.md")
     args = parser.parse_args()
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": loadavg(),
+            "facts": machine_facts(),
             "pairs": args.pairs, "warmup": args.warmup, "pause": args.pause, "note": args.note}
     rows = []
     for name in args.presets:
@@ -123,7 +124,14 @@ def main() -> None:
         rows.append(summarise(json.loads(lines[-1]), args.seq * args.batch))
         print(json.dumps(rows[-1]), flush=True)
     meta["load_end"] = loadavg()
-    argv = [a for a in sys.argv[1:] if a != "--write"]
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # the command that made the figures: without --write and the note's text
+        if skip or a == "--write" or a.startswith("--note="):
+            skip = False
+        elif a == "--note":
+            skip = True
+        else:
+            argv.append(a)
     command = " ".join([".venv/bin/python benchmarks/paired_peft.py", *argv])
     section = render(command, meta, rows)
     print(section)
