@@ -48,6 +48,27 @@ def test_custom_matmul_backward_equals_autodiff_in_fp32():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_lora_update_backward_equals_autodiff_in_fp32():
+    """The adapter path's hand-ordered backward (dA as (g^T h)^T, llama.lora_update) against autodiff of
+    (h @ a) @ b: the same sums in another order, so equal to fp32 rounding; with a leading batch axis
+    and a rank that is not a multiple of anything."""
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(2, 7, 24)), jnp.float32)
+    a = jnp.asarray(rng.normal(size=(24, 5)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(5, 12)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(2, 7, 12)), jnp.float32)
+
+    def loss(update):
+        return lambda h, a, b: jnp.sum(jnp.sin(update(h, a, b)) * probe)
+
+    np.testing.assert_allclose(llama.lora_update(h, a, b), (h @ a) @ b, rtol=1e-6, atol=1e-5)
+    ours = jax.jit(jax.grad(loss(llama.lora_update), argnums=(0, 1, 2)))(h, a, b)
+    plain = jax.grad(loss(lambda h, a, b: (h @ a) @ b), argnums=(0, 1, 2))(h, a, b)
+    for mine, reference in zip(ours, plain):
+        assert mine.shape == reference.shape
+        np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(reference))))
+
+
 def test_norm_and_swiglu_backward_equal_autodiff():
     """The hand-written backward passes of RMSNorm and SwiGLU (norm_act.py) against autodiff of the
     plain formulas: equal in fp32 (scale's gradient too); in bf16 within bf16 rounding of the result."""
