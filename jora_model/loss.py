@@ -45,16 +45,6 @@ def chunk_length(batch: int, length: int, vocab: int) -> int:
     return largest_divisor(length, _LOGITS_PER_CHUNK // (batch * vocab))
 
 
-def _times_transposed(a: jax.Array, w: jax.Array) -> jax.Array:
-    """a @ w.T, [B, c, V] x [D, V] -> [B, c, D], with fp32 accumulation, computed as (w @ a^T)^T:
-    transposing the chunk's [c, V] gradient (and the small result) instead of w. Written as
-    matmul(a, w.T), XLA's CPU compiler copied the whole head transposed every step (31 MiB at
-    `small`, the embedding's size)."""
-    at = jnp.swapaxes(a, -1, -2)  # [B, V, c]
-    out = jax.lax.dot_general(w, at, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [D, B, c]
-    return jnp.moveaxis(out, 0, -1)
-
-
 def _head_nll(hidden, w, targets, weights, with_grad: bool):
     b, t, d = hidden.shape
     vocab = w.shape[1]
@@ -63,21 +53,30 @@ def _head_nll(hidden, w, targets, weights, with_grad: bool):
     def chunks(x):  # [B, T, ...] -> [T / c, B, c, ...]
         return x.reshape(b, t // c, c, *x.shape[2:]).swapaxes(0, 1)
 
-    def body(total, xs):
+    def body(carry, xs):
+        total, w = carry
+        # dh = dlogits @ w^T reads both operands as they lie ([c, V] x [D, V], contracted on their
+        # minor axes, which YNNPACK's dots read natively). With w a loop invariant, XLA's CPU compiler
+        # split that product into a transpose of w, hoisted out of the loop (a transposed copy of the
+        # head every step), and a slower [c, V] x [V, D] product; computed as (w @ dlogits^T)^T it
+        # transposed every chunk's gradient instead. Carried behind a barrier, w no longer looks
+        # invariant and neither copy is made: the head's forward and backward took about 20% less
+        # time on the CPU (base110m, seq 512).
+        w = jax.lax.optimization_barrier(w)
         h, target, weight = xs
         logits = jnp.matmul(h, w, preferred_element_type=jnp.float32)  # [B, c, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
         total = total + jnp.sum((lse - picked) * weight)
         if not with_grad:
-            return total, None
+            return (total, w), None
         # d nll / d logits = softmax - one_hot(target), for the weighted tokens
         dlogits = (jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(target, vocab, dtype=jnp.float32))
         dlogits = (dlogits * weight[..., None]).astype(h.dtype)
-        dh = _times_transposed(dlogits, w).astype(h.dtype)
-        return total, dh
+        dh = jax.lax.dot_general(dlogits, w, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return (total, w), dh.astype(h.dtype)  # dh [B, c, D]
 
-    total, dh = jax.lax.scan(body, jnp.float32(0), (chunks(hidden), chunks(targets), chunks(weights)))
+    (total, _), dh = jax.lax.scan(body, (jnp.float32(0), w), (chunks(hidden), chunks(targets), chunks(weights)))
     if with_grad:
         dh = dh.swapaxes(0, 1).reshape(b, t, d)
     return total, dh
