@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from _report import loadavg, write_section  # noqa: E402  (benchmarks/ is on sys.path)
-from peft_compare import machine_facts  # noqa: E402  (imports no torch or JAX)
+from peft_compare import child_environment, huge_pages_text, machine_facts  # noqa: E402  (no torch or JAX)
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Training speed vs PEFT, paired in one process"
@@ -81,7 +81,7 @@ def render(command: str, meta: dict, rows: list[dict]) -> str:
              f"PEFT\"), runs {meta['warmup']} warm-up pairs, then {meta['pairs']} timed pairs in alternating order "
              f"with {meta['pause']} s between steps. Speedup = PEFT's step time / ours, pair by pair (>1: ours "
              "faster); its median and quartiles are the figures to read. No memory here: peak RSS comes from the "
-             "separate runs above.", "",
+             "separate runs above. " + huge_pages_text(meta.get("huge_pages", False)), "",
              "| preset | pairs | ours s (median) | PEFT s (median) | ours tokens/s | PEFT tokens/s "
              "| speedup, median of pairs | quartiles | ratio of medians | fastest step, ours / PEFT |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
@@ -107,17 +107,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed pairs (compilation, allocator warm-up)")
     parser.add_argument("--pause", type=float, default=0.2, help="seconds of sleep before every step")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for PEFT")
+    parser.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the process with glibc.malloc.hugetlb=1, as `jora` runs itself (default)")
     parser.add_argument("--note", default="", help="a paragraph appended to the section")
     parser.add_argument("--write", action="store_true", help="replace this script's section of RESULTS.md")
     args = parser.parse_args()
+    child_env = child_environment(args.huge_pages)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": loadavg(),
             "facts": machine_facts(),
-            "pairs": args.pairs, "warmup": args.warmup, "pause": args.pause, "note": args.note}
+            "pairs": args.pairs, "warmup": args.warmup, "pause": args.pause, "note": args.note,
+            "huge_pages": "glibc.malloc.hugetlb" in child_env.get("GLIBC_TUNABLES", "")}
     rows = []
     for name in args.presets:
         spec = {"preset": name, "seq": args.seq, "batch": args.batch, "pairs": args.pairs, "warmup": args.warmup,
                 "pause": args.pause, "threads": args.threads}
-        done = subprocess.run([sys.executable, __file__, "_child", json.dumps(spec)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, __file__, "_child", json.dumps(spec)], capture_output=True, text=True,
+                              env=child_env)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
             sys.exit(f"error: the paired run for {name} failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -227,9 +227,30 @@ def jora_command() -> list[str]:
     return [str(candidate)] if candidate.exists() else [sys.executable, "-m", "pipeline.cli"]
 
 
-def run_child(argv: list[str], log: Path, timeout: float) -> dict:
+def child_environment(huge_pages: bool) -> dict[str, str]:
+    """The environment of every child, ours and PEFT's alike: with glibc's huge-page tunable, which
+    `jora` sets for itself (pipeline/launch.py), or without it and with jora's re-execution off. So both
+    sides always run under one allocator setting; the section records which."""
+    sys.path.insert(0, str(REPO))
+    from pipeline.launch import huge_page_environment
+
+    env = dict(os.environ)
+    if huge_pages:
+        return huge_page_environment(env) or env
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb")]
+    env.pop("GLIBC_TUNABLES", None)
+    return {**env, "JORA_HUGE_PAGES": "0", **({"GLIBC_TUNABLES": ":".join(kept)} if kept else {})}
+
+
+def huge_pages_text(on: bool) -> str:
+    return ("Both sides ran with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for "
+            "glibc's large allocations), as `jora` runs itself (pipeline/launch.py)." if on else
+            "Both sides ran without glibc's huge-page tunable (`--no-huge-pages`).")
+
+
+def run_child(argv: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> dict:
     """Run argv; its last stdout line as JSON, plus ru_maxrss (wait4), CPU seconds and wall seconds."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     out_path = log.with_suffix(".out")
     busy0, steal0 = cpu_seconds()
     with open(log, "wb") as err, open(out_path, "wb") as stdout_file:
@@ -409,6 +430,7 @@ def render(meta: dict, rows: list[dict]) -> str:
         f"LoRA r{LORA_R} alpha {LORA_ALPHA} dropout {LORA_DROPOUT} on {', '.join(TARGETS)}, AdamW, gradient clip "
         f"1.0; per run {a['warmup']} warm-up then {a['steps']} timed steps, one run (a fresh process) per "
         f"configuration per round, {a['rounds']} round(s), configurations alternating round-robin. "
+        + huge_pages_text(a.get("huge_pages", False)) + " "
         "*Ours* = `jora bench` with COMPUTE,PARAM,REMAT (compute dtype, frozen-weight dtype, and what "
         "each rematerialised layer keeps: `jora train --help`); every setting tried is listed and the "
         "fastest per preset is *best*. *PEFT* = "
@@ -481,6 +503,8 @@ def main() -> None:
     parser.add_argument("--idle-cores", type=float, default=0.3,
                         help="before each run, wait until the whole machine's CPU use over 5 s is below this")
     parser.add_argument("--idle-wait", type=float, default=300, help="most seconds to wait for that (0: never)")
+    parser.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
+                        help="run both sides with glibc.malloc.hugetlb=1, as `jora` runs itself (default)")
     parser.add_argument("--child-timeout", type=float, default=1800, help="seconds before a run is killed")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for logs, every run's JSON line (runs.jsonl) and summary.json")
@@ -508,6 +532,8 @@ def main() -> None:
     runs_path = out / "runs.jsonl"
     runs_path.write_text("")
 
+    child_env = child_environment(args.huge_pages)
+    args.huge_pages = "glibc.malloc.hugetlb" in child_env.get("GLIBC_TUNABLES", "")  # what the children got
     shapes = {}
     for preset in args.presets:
         shapes[preset] = run_child([sys.executable, __file__, "_shape", preset], out / f"shape-{preset}.log", 300)
@@ -535,7 +561,7 @@ def main() -> None:
                 idle = wait_for_idle(args.idle_cores, args.idle_wait)
                 before = loadavg()
                 try:
-                    r = run_child(build_argv(c, args, shapes[preset]), log, args.child_timeout)
+                    r = run_child(build_argv(c, args, shapes[preset]), log, args.child_timeout, child_env)
                 except RuntimeError as exc:
                     print(f"FAILED {c['key']}: {exc}", file=sys.stderr, flush=True)
                     failures.append({"key": c["key"], "round": rnd, "error": str(exc)[-2000:]})
