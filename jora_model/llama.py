@@ -149,18 +149,21 @@ def _lora_update_fwd(h, a, b):
 
 
 def _lora_update_bwd(residuals, grad):
-    """Every product in the form XLA's CPU dots read without a transposed copy of a [tokens, in]
-    operand. dA sums over tokens, which both h [N, in] and the gradient of h @ a [N, r] hold on their
-    major axis; written as h^T @ g, XLA copied h transposed (1.5 MiB per target and layer at
-    base110m). Computed as dA^T = g^T @ h, with g^T = b @ grad^T its own thin product, only
-    the [r, in] result is transposed."""
+    """Every product in a form XLA's CPU dots read without a transposed copy of a [tokens, in] operand.
+    A product that sums over tokens (dA, dB: both operands hold tokens on their major axis) gets its
+    left operand transposed by XLA; autodiff's dA = h^T g put h there (1.5 MiB copied per target and
+    layer at base110m). Here the thin [tokens, r] factor is on the left of both, and dA is computed
+    as dA^T = g^T h, [r, in]."""
     h, a, b = residuals
     n, fan_in = math.prod(h.shape[:-1]), h.shape[-1]
     h2, g2 = h.reshape(n, fan_in), grad.reshape(n, grad.shape[-1]).astype(jnp.float32)
-    ha_t = _dot(a, h2, 0, 1)  # (h @ a)^T [r, N], recomputed: r N in multiplications
-    g_ha, g_ha_t = _dot(g2, b, 1, 1), _dot(b, g2, 1, 1)  # the gradient of h @ a, [N, r] and [r, N]
+    # h @ a (recomputed: r N in multiplications) and its gradient, [N, r], then both transposed in
+    # memory. The barriers keep XLA from folding the transposes into the products on either side
+    # (which then ran as plain dots, not YNNPACK's).
+    ha, g_ha = jax.lax.optimization_barrier((_dot(h2, a, 1, 0), _dot(g2, b, 1, 1)))
+    ha_t, g_ha_t = jax.lax.optimization_barrier((ha.T, g_ha.T))  # [r, N]
     db = _dot(ha_t, g2, 1, 0)  # [r, out]
-    da = _dot(g_ha_t, h2, 1, 0).T  # [in, r]
+    da = jax.lax.optimization_barrier(_dot(g_ha_t, h2, 1, 0)).T  # [in, r], computed as dA^T [r, in]
     dh = _dot(g_ha, a, 1, 1).reshape(h.shape)  # [..., in]
     return dh.astype(h.dtype), da, db
 
