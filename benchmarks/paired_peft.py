@@ -25,6 +25,7 @@ from pathlib import Path
 
 from _report import loadavg, write_section  # noqa: E402  (benchmarks/ is on sys.path)
 from peft_compare import child_environment, huge_pages_text, machine_facts  # noqa: E402  (no torch or JAX)
+from pipeline.launch import tunes_huge_pages
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Training speed vs PEFT, paired in one process"
@@ -116,7 +117,7 @@ def main() -> None:
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": loadavg(),
             "facts": machine_facts(),
             "pairs": args.pairs, "warmup": args.warmup, "pause": args.pause, "note": args.note,
-            "huge_pages": "glibc.malloc.hugetlb" in child_env.get("GLIBC_TUNABLES", "")}
+            "huge_pages": tunes_huge_pages(child_env)}
     rows = []
     for name in args.presets:
         spec = {"preset": name, "seq": args.seq, "batch": args.batch, "pairs": args.pairs, "warmup": args.warmup,

@@ -59,6 +59,7 @@ from pathlib import Path
 from _report import RESULTS, loadavg, write_section  # noqa: E402  (benchmarks/ is on sys.path)
 
 from jora_model.remat import POLICIES  # names only: imports no JAX
+from pipeline.launch import TUNABLE_NAME, huge_page_environment, tunes_huge_pages  # imports no JAX
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Training speed and memory vs PEFT"
@@ -231,13 +232,10 @@ def child_environment(huge_pages: bool) -> dict[str, str]:
     """The environment of every child, ours and PEFT's alike: with glibc's huge-page tunable, which
     `jora` sets for itself (pipeline/launch.py), or without it and with jora's re-execution off. So both
     sides always run under one allocator setting; the section records which."""
-    sys.path.insert(0, str(REPO))
-    from pipeline.launch import huge_page_environment
-
     env = dict(os.environ)
     if huge_pages:
         return huge_page_environment(env) or env
-    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb")]
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.split("=")[0] != TUNABLE_NAME]
     env.pop("GLIBC_TUNABLES", None)
     return {**env, "JORA_HUGE_PAGES": "0", **({"GLIBC_TUNABLES": ":".join(kept)} if kept else {})}
 
@@ -533,7 +531,7 @@ def main() -> None:
     runs_path.write_text("")
 
     child_env = child_environment(args.huge_pages)
-    args.huge_pages = "glibc.malloc.hugetlb" in child_env.get("GLIBC_TUNABLES", "")  # what the children got
+    args.huge_pages = tunes_huge_pages(child_env)  # what the children got
     shapes = {}
     for preset in args.presets:
         shapes[preset] = run_child([sys.executable, __file__, "_shape", preset], out / f"shape-{preset}.log", 300)

@@ -18,8 +18,14 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+TUNABLE_NAME = "glibc.malloc.hugetlb"
+TUNABLE = f"{TUNABLE_NAME}=1"
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def tunes_huge_pages(environ: Mapping[str, str]) -> bool:
+    """Whether environ's GLIBC_TUNABLES sets glibc's huge-page tunable (to any value)."""
+    return any(t.split("=")[0] == TUNABLE_NAME for t in environ.get("GLIBC_TUNABLES", "").split(":"))
 
 
 def huge_page_environment(environ: Mapping[str, str], thp_mode: str | None = None,
@@ -30,8 +36,7 @@ def huge_page_environment(environ: Mapping[str, str], thp_mode: str | None = Non
     libc = platform.libc_ver()[0] if libc is None else libc
     if libc != "glibc" or environ.get("JORA_HUGE_PAGES", "1") == "0":
         return None
-    current = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in current:
+    if tunes_huge_pages(environ):
         return None
     if thp_mode is None:
         try:
@@ -40,6 +45,7 @@ def huge_page_environment(environ: Mapping[str, str], thp_mode: str | None = Non
             return None
     if "[always]" not in thp_mode and "[madvise]" not in thp_mode:
         return None
+    current = environ.get("GLIBC_TUNABLES", "")
     return {**environ, "GLIBC_TUNABLES": f"{current}:{TUNABLE}" if current else TUNABLE}
 
 
