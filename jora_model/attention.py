@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from .blocks import largest_divisor
 from .kept import KEPT_NAME, kept_bits
-from .reductions import row_max
+from .reductions import shifted_exp
 
 _MASKED = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
 QUERY_BLOCK = 512  # most queries per block: one block's fp32 [Tq, S] scores are alive at a time
@@ -78,9 +78,7 @@ def _attend_block(q, kt, v, visibility):
     """(output [B, K, R, Tq, E] in q's dtype, row max and row sum of exp(scores - max), [B, K, R, Tq]
     fp32), all head-major. The output is normalised after the value matmul: Tq x E divisions, not Tq x S."""
     scores = _scores(q, kt, visibility)
-    top = row_max(scores)
-    weights = jnp.exp(scores - top[..., None])
-    total = jnp.sum(weights, axis=-1)
+    top, weights, total = shifted_exp(scores)
     out = jnp.einsum("bkrts,bkse->bkrte", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (out / total[..., None]).astype(q.dtype), top, total
 

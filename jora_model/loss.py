@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from .blocks import largest_divisor
-from .reductions import row_max
+from .reductions import shifted_exp
 
 _LOGITS_PER_CHUNK = 1 << 22  # fp32 logits of one chunk: 16 MiB (128 tokens at V = 32000)
 
@@ -69,9 +69,7 @@ def _head_nll(hidden, w, targets, weights, with_grad: bool):
         # logsumexp by hand: its exponentials, exp(logits - max), are the softmax's numerators too,
         # so the gradient below reuses them instead of a second exp over [c, V] (the head alone,
         # forward and backward: 0.88x the time on one core, 0.93x on two, base110m)
-        top = row_max(logits)
-        shifted = jnp.exp(logits - top[..., None])
-        sum_exp = jnp.sum(shifted, axis=-1)
+        top, shifted, sum_exp = shifted_exp(logits)
         lse = top + jnp.log(sum_exp)
         picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
         total = total + jnp.sum((lse - picked) * weight)

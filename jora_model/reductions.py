@@ -20,3 +20,11 @@ def row_max(x: jax.Array) -> jax.Array:
         half = x.shape[-1] // 2
         x = jnp.maximum(x[..., :half], x[..., half:])
     return jnp.max(x, axis=-1)
+
+
+def shifted_exp(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(row max m, exp(x - m), its row sum) over the last axis: softmax's numerators and denominator,
+    and logsumexp = m + log(sum), from one exp over x."""
+    top = row_max(x)
+    exps = jnp.exp(x - top[..., None])
+    return top, exps, jnp.sum(exps, axis=-1)
