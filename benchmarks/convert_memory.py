@@ -67,9 +67,9 @@ BASELINE_PRESET = "tiny"
 # The imports of a conversion, without the conversion (torch only where the reader uses it).
 IMPORTS = {
     "meta": "import numpy, ml_dtypes, torch, tqdm, click; import pipeline.cli, stages.convert, "
-            "jora_model.meta_checkpoint, jora_model.store, jora_model.safetensors_io",
+            "jora_model.formats.meta_checkpoint, jora_model.formats.store, jora_model.formats.safetensors_io",
     "hf": "import numpy, ml_dtypes, tqdm, click; import pipeline.cli, stages.convert, "
-          "jora_model.hf_checkpoint, jora_model.store, jora_model.safetensors_io",
+          "jora_model.formats.hf_checkpoint, jora_model.formats.store, jora_model.formats.safetensors_io",
 }
 
 

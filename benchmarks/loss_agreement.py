@@ -1,6 +1,6 @@
 """Does the fast training step train the same as the fp32 reference? (issue 7's numerical criterion)
 
-Two runs of the real train step (`jora_model.train.make_step_functions`) on the same random weights of a
+Two runs of the real train step (`jora_model.training.step.make_step_functions`) on the same random weights of a
 preset's shape, the same LoRA initialisation, the same batches and the same dropout keys:
 
 * fast: what `jora train` runs by default: bf16 compute, bf16 frozen weights, remat `matmuls`, bf16 matmuls with
@@ -35,11 +35,11 @@ def run(preset_name: str, steps: int, seq: int, rows: int, batches: int, lr: flo
     import jax
     import numpy as np
 
-    from jora_model import sharding
-    from jora_model.bench import random_frozen
-    from jora_model.config import preset
-    from jora_model.lora import LoraSettings, init_lora_params
-    from jora_model.train import OptimizerSettings, make_step_functions
+    from jora_model.parallel import sharding
+    from jora_model.training.bench import random_frozen
+    from jora_model.model.config import preset
+    from jora_model.model.lora import LoraSettings, init_lora_params
+    from jora_model.training.step import OptimizerSettings, make_step_functions
 
     config = preset(preset_name)
     mesh = sharding.make_mesh(sharding.MeshShape(1, 1))

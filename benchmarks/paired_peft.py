@@ -2,7 +2,7 @@
 
 On a shared VM the speed of both sides drifts by 20-45% from minute to minute, so separate runs of
 each (benchmarks/peft_compare.py, which also measures peak memory) need many rounds before their
-medians settle. Here one process builds both, `jora bench`'s step (jora_model.bench.PreparedStep)
+medians settle. Here one process builds both, `jora bench`'s step (jora_model.training.bench.PreparedStep)
 and PEFT's (peft_compare.peft_step: the same model, LoRA, optimizer and batch), and times them in
 turns (A B, then B A, ...), with a pause between steps so that neither side's idle threads are
 still spinning when the other starts. Each pair of neighbouring steps saw the same machine, so the
@@ -35,8 +35,8 @@ def paired_child(spec: dict) -> None:
     """Build both steps for one preset, alternate them, print one JSON line."""
     sys.path.insert(0, str(REPO))
     from peft_compare import peft_step  # imports torch when called, in this child only
-    from jora_model.bench import BenchSettings, PreparedStep
-    from jora_model.config import preset
+    from jora_model.training.bench import BenchSettings, PreparedStep
+    from jora_model.model.config import preset
 
     ours = PreparedStep(BenchSettings(preset=spec["preset"], seq=spec["seq"], batch=spec["batch"],
                                       steps=spec["pairs"], warmup=spec["warmup"]))

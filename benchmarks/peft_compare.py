@@ -58,7 +58,7 @@ from pathlib import Path
 
 from _report import RESULTS, loadavg, write_section  # noqa: E402  (benchmarks/ is on sys.path)
 
-from jora_model.remat import POLICIES  # names only: imports no JAX
+from jora_model.model.remat import POLICIES  # names only: imports no JAX
 from pipeline.launch import TUNABLE_NAME, huge_page_environment, tunes_huge_pages  # imports no JAX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 def shape_child(preset: str) -> None:
     """Print the preset's LlamaConfig as JSON (run in its own process: importing jora may import jax)."""
     sys.path.insert(0, str(REPO))
-    from jora_model.config import preset as lookup
+    from jora_model.model.config import preset as lookup
 
     print(json.dumps(lookup(preset).to_dict()))
 

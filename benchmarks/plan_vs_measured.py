@@ -1,7 +1,7 @@
 """`jora plan`'s estimate beside what the compiled train step really needs, for the small presets.
 
 Each configuration runs in a fresh child process (its own virtual CPU device count for a mesh). The
-child compiles the real train step (jora_model.train.make_step_functions, as `jora bench` builds it) for
+child compiles the real train step (jora_model.training.step.make_step_functions, as `jora bench` builds it) for
 abstract arguments and reads XLA's own account of it, `compiled.memory_analysis()`: argument bytes
 (frozen weights, LoRA, optimizer state, batch), temp bytes (everything the step allocates while it runs:
 activations, gradients, converted weight copies) and output bytes not aliased to donated inputs; on a
@@ -57,11 +57,11 @@ CHILD = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
     import jax
-    from jora_model import sharding
-    from jora_model.bench import random_frozen
-    from jora_model.config import preset
-    from jora_model.lora import LoraSettings, init_lora_params
-    from jora_model.train import OptimizerSettings, abstract_arguments, make_step_functions
+    from jora_model.parallel import sharding
+    from jora_model.training.bench import random_frozen
+    from jora_model.model.config import preset
+    from jora_model.model.lora import LoraSettings, init_lora_params
+    from jora_model.training.step import OptimizerSettings, abstract_arguments, make_step_functions
 
     name, seq, batch, accum, remat, mesh_text, run_steps = json.loads(sys.argv[1])
     config = preset(name)
@@ -103,16 +103,16 @@ def measure(config: tuple, run_steps: bool) -> dict:
 
 
 def mesh_size(mesh_text: str) -> int:
-    from jora_model.sharding import MeshShape
+    from jora_model.parallel.sharding import MeshShape
 
     return MeshShape.parse(mesh_text).size
 
 
 def estimate(config: tuple) -> dict:
-    from jora_model.config import preset
-    from jora_model.lora import LoraSettings
-    from jora_model.memory_plan import plan_memory
-    from jora_model.sharding import MeshShape
+    from jora_model.model.config import preset
+    from jora_model.model.lora import LoraSettings
+    from jora_model.training.memory_plan import plan_memory
+    from jora_model.parallel.sharding import MeshShape
 
     name, seq, batch, accum, remat, mesh_text = config
     plan = plan_memory(preset(name), seq_len=seq, batch_size=batch, mesh=MeshShape.parse(mesh_text),
@@ -179,7 +179,7 @@ nice -n 19 .venv/bin/python benchmarks/plan_vs_measured.py --write
 
 Code: {code_state()}. Machine: {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}, jax {jax.__version__} (CPU; a mesh = that many virtual CPU devices, figures per device). Load average {load_start} at start, {loadavg()} at the end (memory figures do not depend on it).
 
-Estimate = `jora_model.memory_plan.plan_memory` (what `jora plan` prints). Measured = XLA's `compiled.memory_analysis()` of the real train step (`make_step_functions`, bf16 weights and compute, LoRA r16 on q_proj, v_proj) for those shapes: *temp* is what the step allocates while it runs, *argument* the inputs (frozen weights, LoRA, optimizer state, batch), *total* argument + temp + output not aliased to the donated state. Estimated temp = activations (for the row's remat setting) + the copy of the stacked layer matrices that XLA's CPU compiler makes without remat (with remat the step gets them as uint16 bits and makes none) + LoRA gradients. The criterion (|error| <= {TOLERANCE:.0%}) is checked on temp: it is the estimated part (arguments are exact by construction). Peak RSS = the child's `ru_maxrss` after compiling, placing random weights and running 2 steps: it also holds the Python runtime, jaxlib, the compiler's own memory and allocator slack, and on a mesh every virtual device's share, so it is context, not the criterion. MiB throughout; batch = rows per micro-batch over the data axis.
+Estimate = `jora_model.training.memory_plan.plan_memory` (what `jora plan` prints). Measured = XLA's `compiled.memory_analysis()` of the real train step (`make_step_functions`, bf16 weights and compute, LoRA r16 on q_proj, v_proj) for those shapes: *temp* is what the step allocates while it runs, *argument* the inputs (frozen weights, LoRA, optimizer state, batch), *total* argument + temp + output not aliased to the donated state. Estimated temp = activations (for the row's remat setting) + the copy of the stacked layer matrices that XLA's CPU compiler makes without remat (with remat the step gets them as uint16 bits and makes none) + LoRA gradients. The criterion (|error| <= {TOLERANCE:.0%}) is checked on temp: it is the estimated part (arguments are exact by construction). Peak RSS = the child's `ru_maxrss` after compiling, placing random weights and running 2 steps: it also holds the Python runtime, jaxlib, the compiler's own memory and allocator slack, and on a mesh every virtual device's share, so it is context, not the criterion. MiB throughout; batch = rows per micro-batch over the data axis.
 
 | preset | mesh | seq | batch | accum | remat | est. activations | est. weight copy | est. temp | XLA temp | temp error | est. arguments | XLA arguments | est. total | XLA total | peak RSS |
 |---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|

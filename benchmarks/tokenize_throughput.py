@@ -6,7 +6,7 @@ records; 2% of the rest get 4-6 passages, long enough to be cut to max_seq_len) 
 plus tens of thousands of made-up words with Zipf frequencies, numbers, punctuation, the odd
 non-ASCII character). It also trains, once, a Llama-like SentencePiece tokenizer on part of that text
 (BPE, byte fallback, unk/bos/eos = 0/1/2, identity normalisation, whitespace kept: Llama's settings,
-via jora_model.tokenizer_training).
+via pipeline.demo_tokenizer).
 
 Then it times, each in a fresh child process, alternating which goes first from run to run:
 
@@ -186,7 +186,7 @@ def ensure_tokenizer(workdir: Path, data: Path, vocab: int, train_records: int) 
     path = workdir / f"tokenizer-{GEN_VERSION}-{vocab}.model"
     if not path.exists():
         sys.path.insert(0, str(REPO))
-        from jora_model.tokenizer_training import train_llama_tokenizer
+        from pipeline.demo_tokenizer import train_llama_tokenizer
 
         records = json.loads(data.read_text())[:train_records]
         texts = [t for r in records for t in (r["instruction"], r["input"], r["output"]) if t]
@@ -280,7 +280,7 @@ def child_hf(data: Path, out: Path, tokenizer: Path, batched: bool, cache: Path)
 
 def _templates() -> tuple[str, str]:
     sys.path.insert(0, str(REPO))
-    from jora_model.alpaca import TEMPLATES
+    from jora_model.data.alpaca import TEMPLATES
 
     return TEMPLATES["alpaca"]
 
@@ -299,7 +299,7 @@ def child_profile(data: Path, out: Path, tokenizer: Path) -> dict:
 
     sys.path.insert(0, str(REPO))
     from stages import tokenize as stage
-    from jora_model.alpaca import read_records
+    from jora_model.data.alpaca import read_records
 
     profile = cProfile.Profile(time.process_time)  # CPU time: other jobs on the machine do not count
     cpu = cpu_seconds()
@@ -400,7 +400,7 @@ def compare_outputs(a_dir: Path, b_dir: Path) -> dict:
 def check_tokenizers(tokenizer: Path, data: Path, n: int = 300) -> dict:
     """Encode the first n records' texts with both tokenizers: the fraction of identical id lists."""
     sys.path.insert(0, str(REPO))
-    from jora_model.tokenizer import Tokenizer
+    from jora_model.data.tokenizer import Tokenizer
 
     ours, hf = Tokenizer(tokenizer), _hf_tokenizer(tokenizer)
     records = json.loads(data.read_text())[:n]

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import LlamaConfig
-from .store import ShardingFor, Store, load_params
+from jora_model.model.config import LlamaConfig
+from jora_model.formats.store import ShardingFor, Store, load_params
 
 
 class LoadedModel:
@@ -18,7 +18,7 @@ class LoadedModel:
                  lora: Any = None):
         import jax
 
-        from .llama import ModelOptions, transformed
+        from jora_model.model.llama import ModelOptions, transformed
 
         self.config = config
         self.params = params
@@ -52,8 +52,8 @@ def load_model(path: str | Path, dtype: str = "float32", sharding_for: ShardingF
     if adapter is not None:
         import jax
 
-        from .adapter import load_adapter
-        from .lora import merge_params
+        from jora_model.formats.adapter import load_adapter
+        from jora_model.model.lora import merge_params
 
         lora_params, lora, _ = load_adapter(Path(adapter), store.config)
         params = merge_params(params, jax.tree.map(np.asarray, lora_params))

@@ -14,7 +14,7 @@ from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
-from .errors import JoraError
+from jora_model.errors import JoraError
 
 
 class ParallamaConfig(NamedTuple):
@@ -35,7 +35,7 @@ class ParallamaConfig(NamedTuple):
 
 def config_tokenizer(config: ParallamaConfig) -> Path:
     """The tokenizer a seed config implies: the store's, else Meta's tokenizer.model."""
-    from .tokenizer import resolve_tokenizer
+    from jora_model.data.tokenizer import resolve_tokenizer
 
     store = Path(config.JAX_PARAMS_PATH)
     if (store / "store.json").is_file():
@@ -44,8 +44,8 @@ def config_tokenizer(config: ParallamaConfig) -> Path:
 
 
 def _examples(dataset: Any, tokenizer_path: Path, max_len: int) -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
-    from .alpaca import check_record, tokenize_record
-    from .tokenizer import Tokenizer
+    from jora_model.data.alpaca import check_record, tokenize_record
+    from jora_model.data.tokenizer import Tokenizer
 
     tokenizer = None
     items = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__getitem__") and \
@@ -76,11 +76,11 @@ def _examples(dataset: Any, tokenizer_path: Path, max_len: int) -> Iterable[tupl
 def train_lora(config: ParallamaConfig, dataset: Any, checkpoint_path: str | Path):
     """Train an adapter as the seed library did; returns the TrainResult (adapter under
     checkpoint_path/adapter). Rerunning with the same checkpoint_path resumes."""
-    from .config import preset
-    from .data import Row, ShardWriter
-    from .lora import LoraSettings
-    from .store import Store
-    from .trainer import TrainSettings, run_training
+    from jora_model.model.config import preset
+    from jora_model.data.shards import Row, ShardWriter
+    from jora_model.model.lora import LoraSettings
+    from jora_model.formats.store import Store
+    from jora_model.training.trainer import TrainSettings, run_training
 
     store_path = Path(config.JAX_PARAMS_PATH)
     if not (store_path / "store.json").is_file():

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from jora_model.errors import JoraError
-from jora_model.remat import POLICIES
+from jora_model.model.remat import POLICIES
 from stages.convert import convert_command
 from stages.tokenize import tokenize_command
 from stages.export import export_adapter_command, export_command
@@ -181,9 +181,9 @@ def gui_command(host: str, port: int, workdir: Path) -> None:
 def generate_command(model, adapter, prompt, context, data, limit, max_new_tokens, temperature, top_p, seed) -> None:
     """Generate answers from --model (with --adapter) for --prompt or the records of --data."""
     from jora_model import JoraError, load_model
-    from jora_model.alpaca import check_record, read_records
-    from jora_model.generate import Generator, SamplingSettings, generate_text
-    from jora_model.tokenizer import Tokenizer
+    from jora_model.data.alpaca import check_record, read_records
+    from jora_model.model.generate import Generator, SamplingSettings, generate_text
+    from jora_model.data.tokenizer import Tokenizer
 
     if (prompt is None) == (data is None):
         raise JoraError("give exactly one of --prompt or --data")
@@ -222,8 +222,8 @@ def bench_command(preset, seq, batch, grad_accum, steps, warmup, mesh, compute_d
     """Time LoRA train steps on random weights of a preset's shape; print one JSON line."""
     import json
 
-    from jora_model.bench import BenchSettings, run_bench
-    from jora_model.lora import LoraSettings
+    from jora_model.training.bench import BenchSettings, run_bench
+    from jora_model.model.lora import LoraSettings
 
     settings = BenchSettings(preset=preset, seq=seq, batch=batch, grad_accum=grad_accum, steps=steps,
                              warmup=warmup, mesh=mesh, compute_dtype=compute_dtype, param_dtype=param_dtype,

@@ -30,7 +30,7 @@ class DemoResult:
 
 def prepare_demo(workdir: Path) -> FinetuneSettings:
     """Build the demo checkpoint (cached like a stage) and return the settings that run on it."""
-    from stages.demo_source import make_demo_source
+    from pipeline.demo_source import make_demo_source
 
     for path in (SAMPLE, TINY_MODEL):
         if not path.is_file():
@@ -57,8 +57,8 @@ def demo_settings(workdir: Path, checkpoint: Path, data: Path) -> FinetuneSettin
 def answer(store: Path, adapter: Path, question: str = QUESTION, max_new_tokens: int = 40) -> str:
     """The trained model's greedy answer, prompted with the training template."""
     from jora_model import load_model
-    from jora_model.generate import SamplingSettings, generate_text
-    from jora_model.tokenizer import Tokenizer
+    from jora_model.model.generate import SamplingSettings, generate_text
+    from jora_model.data.tokenizer import Tokenizer
 
     model = load_model(store, dtype="float32", adapter=adapter)
     return generate_text(model, Tokenizer(store), question, "", SamplingSettings(max_new_tokens=max_new_tokens))

@@ -31,7 +31,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from jora_model import distributed  # noqa: E402
+from jora_model.parallel import distributed  # noqa: E402
 from jora_model.errors import JoraError  # noqa: E402
 from pipeline.settings import FinetuneSettings  # noqa: E402
 
@@ -94,8 +94,8 @@ def export_adapter_task(model: str, adapter: str, out: str, verify: bool) -> dic
 
 
 def train_settings(settings: FinetuneSettings):
-    from jora_model.lora import LoraSettings
-    from jora_model.trainer import TrainSettings
+    from jora_model.model.lora import LoraSettings
+    from jora_model.training.trainer import TrainSettings
 
     t, lora = settings.train, settings.lora
     return TrainSettings(
@@ -111,7 +111,7 @@ def train_settings(settings: FinetuneSettings):
 def distributed_settings(settings: FinetuneSettings):
     """The multi-host part of the train settings; a field left empty is read from JORA_COORDINATOR,
     JORA_NUM_PROCESSES or JORA_PROCESS_ID (the process id differs per host, the YAML does not)."""
-    from jora_model.distributed import DistributedSettings
+    from jora_model.parallel.distributed import DistributedSettings
 
     t = settings.train
 

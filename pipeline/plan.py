@@ -1,7 +1,7 @@
 """`jora plan`: will a LoRA training run fit? Bytes per device from shapes alone (nothing is allocated).
 
 Not a cached stage: it reads at most a store's `store.json` and writes nothing. The figures come from
-jora_model.memory_plan; this module only parses options and prints.
+jora_model.training.memory_plan; this module only parses options and prints.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from jora_model.errors import JoraError
-from jora_model.remat import POLICIES
+from jora_model.model.remat import POLICIES
 
 _ROWS = (  # (label, MemoryPlan field)
     ("frozen weights", "frozen_bytes_per_device"),
@@ -31,13 +31,13 @@ def _gib(n: int) -> str:
 
 def _model(preset_name: str | None, store: Path | None):
     """(settings, stored dtype or None, what to call it)."""
-    from jora_model.config import preset
+    from jora_model.model.config import preset
 
     if (preset_name is None) == (store is None):
         raise JoraError("give exactly one of --preset NAME or --model STORE")
     if preset_name is not None:
         return preset(preset_name), None, preset_name
-    from jora_model.store import Store
+    from jora_model.formats.store import Store
 
     opened = Store(store)  # a missing or foreign directory is a JoraError naming it
     return opened.config, opened.dtype.name, str(store)
@@ -82,9 +82,9 @@ def plan_command(preset_name, store, seq, batch, grad_accum, mesh, lora_r, targe
                  device_memory, devices, as_json) -> None:
     """Bytes per device of LoRA training: frozen weights, LoRA, optimizer state, activations; and
     whether it fits. Computed from shapes: nothing is allocated."""
-    from jora_model.lora import LoraSettings
-    from jora_model.memory_plan import meshes_that_fit, parse_bytes, plan_memory
-    from jora_model.sharding import MeshShape
+    from jora_model.model.lora import LoraSettings
+    from jora_model.training.memory_plan import meshes_that_fit, parse_bytes, plan_memory
+    from jora_model.parallel.sharding import MeshShape
 
     config, stored_dtype, name = _model(preset_name, store)
     param_dtype = param_dtype or stored_dtype or "bfloat16"

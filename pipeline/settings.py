@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jora_model.errors import JoraError
-from jora_model.remat import POLICIES
+from jora_model.model.remat import POLICIES
 
 
 class _Section(BaseModel):

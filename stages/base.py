@@ -148,7 +148,7 @@ def upstream_key(path: Path, what: str) -> str:
 def adapter_input(adapter: str | Path) -> tuple[Path, str]:
     """A trained adapter given as a train output or its adapter/ directory: (the directory holding
     adapter.json, the hash of its weights and settings for a cache key)."""
-    from jora_model.adapter import adapter_dir
+    from jora_model.formats.adapter import adapter_dir
 
     directory = adapter_dir(Path(adapter))
     digest = hashlib.sha256((directory / "adapter.safetensors").read_bytes()
@@ -168,7 +168,7 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
     resumable: the work directory is named by the key (`.OUT.work-KEY`) and survives a failure or a
     kill, so the next run with the same inputs continues in it (training checkpoints live there).
 
-    team: the processes of a multi-host run (jora_model.distributed.Team), all calling this with the
+    team: the processes of a multi-host run (jora_model.parallel.distributed.Team), all calling this with the
     same `out_dir` on a shared filesystem and all running `build` together. Process 0 alone clears
     stale work, writes the manifest and moves the result into place; the others wait for it and
     return what it wrote. Each process holds its own lock file, so two runs still exclude each other."""

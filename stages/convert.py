@@ -1,7 +1,7 @@
 """Stage 1, convert: Meta's original checkpoint or an HF Llama directory -> our parameter store.
 
 Inputs: the checkpoint's files (which ones depends on the detected layout) and an optional tokenizer.
-Output: a parameter store (jora_model.store) plus the stage manifest.
+Output: a parameter store (jora_model.formats.store) plus the stage manifest.
 Cache key: content of those files, the store dtype and shard size, and CODE_VERSION.
 """
 
@@ -30,8 +30,8 @@ class ConvertSettings:
 
 def detect_layout(src: Path) -> str:
     """'meta' or 'hf'; a clear error for anything else."""
-    from jora_model.hf_checkpoint import is_hf_directory
-    from jora_model.meta_checkpoint import is_meta_checkpoint
+    from jora_model.formats.hf_checkpoint import is_hf_directory
+    from jora_model.formats.meta_checkpoint import is_meta_checkpoint
 
     if not src.exists():
         raise JoraError("source checkpoint not found", src)
@@ -59,16 +59,16 @@ def input_files(src: Path, layout: str, tokenizer: Path | None) -> dict[str, Pat
 
 def _open_checkpoint(src: Path, layout: str):
     if layout == "meta":
-        from jora_model.meta_checkpoint import MetaCheckpoint
+        from jora_model.formats.meta_checkpoint import MetaCheckpoint
 
         return MetaCheckpoint(src)
-    from jora_model.hf_checkpoint import HFCheckpoint
+    from jora_model.formats.hf_checkpoint import HFCheckpoint
 
     return HFCheckpoint(src)
 
 
 def _check_tokenizer(tokenizer: Path, vocab_size: int, exact: bool) -> None:
-    from jora_model.tokenizer_files import tokenizer_vocab_size
+    from jora_model.data.tokenizer_files import tokenizer_vocab_size
 
     n = tokenizer_vocab_size(tokenizer)
     if n > vocab_size or (exact and n != vocab_size):
@@ -79,7 +79,7 @@ def _check_tokenizer(tokenizer: Path, vocab_size: int, exact: bool) -> None:
 def convert(src: str | Path, out: str | Path, settings: ConvertSettings = ConvertSettings(),
             force: bool = False, progress: bool | None = None) -> StageResult:
     """Convert the checkpoint in `src` into a parameter store in `out` (skipped when up to date)."""
-    from jora_model.store import store_dtype
+    from jora_model.formats.store import store_dtype
 
     src, out = Path(src), Path(out)
     store_dtype(settings.dtype)  # reject a bad dtype before any work
@@ -94,7 +94,7 @@ def convert(src: str | Path, out: str | Path, settings: ConvertSettings = Conver
     def build(tmp: Path) -> dict:
         from tqdm import tqdm
 
-        from jora_model.store import StoreWriter
+        from jora_model.formats.store import StoreWriter
 
         checkpoint = _open_checkpoint(src, layout)
         tokenizer = tokenizer_override or checkpoint.tokenizer

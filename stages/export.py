@@ -24,8 +24,8 @@ def _our_logits(store: Path, dtype: str | None = None, adapter: Path | None = No
     import numpy as np
 
     from jora_model import load_model
-    from jora_model.hf_export import verify_tokens
-    from jora_model.store import store_dtype
+    from jora_model.formats.hf_export import verify_tokens
+    from jora_model.formats.store import store_dtype
 
     model = load_model(store, dtype="float32", adapter=adapter)
     if dtype is not None:  # the export rounds to its dtype: compare on the same weights
@@ -39,9 +39,9 @@ def _our_logits(store: Path, dtype: str | None = None, adapter: Path | None = No
 def export(model: str | Path, out: str | Path, adapter: str | Path | None = None, dtype: str = "bf16",
            verify: bool = True, max_shard_bytes: int = 2 * 1024 ** 3, force: bool = False) -> StageResult:
     """Write the store in `model` (with `adapter` merged in, when given) as an HF directory in `out`."""
-    from jora_model.hf_export import compare, hf_logits, write_hf_directory
-    from jora_model.merge import merge_store
-    from jora_model.store import store_dtype
+    from jora_model.formats.hf_export import compare, hf_logits, write_hf_directory
+    from jora_model.formats.merge import merge_store
+    from jora_model.formats.store import store_dtype
 
     model, out = Path(model), Path(out)
     store_dtype(dtype)
@@ -72,8 +72,8 @@ def export(model: str | Path, out: str | Path, adapter: str | Path | None = None
 def export_adapter(model: str | Path, adapter: str | Path, out: str | Path, verify: bool = True,
                    force: bool = False) -> StageResult:
     """Write `adapter` as a PEFT adapter for the HF export of `model`."""
-    from jora_model.hf_export import compare, hf_logits, write_hf_directory, write_peft_adapter
-    from jora_model.store import Store
+    from jora_model.formats.hf_export import compare, hf_logits, write_hf_directory, write_peft_adapter
+    from jora_model.formats.store import Store
 
     model, out = Path(model), Path(out)
     adapter_path, adapter_hash = adapter_input(adapter)

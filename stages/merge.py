@@ -17,7 +17,7 @@ CODE_VERSION = "merge-1"
 
 def merge(model: str | Path, adapter: str | Path, out: str | Path, force: bool = False,
           progress: bool | None = None) -> StageResult:
-    from jora_model.merge import merge_store
+    from jora_model.formats.merge import merge_store
 
     model, out = Path(model), Path(out)
     adapter, adapter_hash = adapter_input(adapter)

@@ -1,7 +1,7 @@
 """Stage 2, tokenize: Alpaca JSON (or JSON Lines) -> tokenized Arrow shards with a response-only mask.
 
 Inputs: the data file and the SentencePiece tokenizer. Output: `train/` and `val/` split directories of
-Arrow shards (jora_model.data) and `stats.json`. Cache key: both files' contents, every setting below
+Arrow shards (jora_model.data.shards) and `stats.json`. Cache key: both files' contents, every setting below
 and CODE_VERSION (the worker count is not in it: it never changes the bytes written).
 """
 
@@ -32,7 +32,7 @@ class TokenizeSettings:
     max_seq_len: int = 2000  # longest row, in tokens, bos and eos included
     val_fraction: float = 0.05  # share of records held out for evaluation
     seed: int = 420  # decides which records are held out
-    template: str = "alpaca"  # prompt template (jora_model.alpaca.TEMPLATES)
+    template: str = "alpaca"  # prompt template (jora_model.data.alpaca.TEMPLATES)
     pack: bool = False  # several examples per row, kept apart by segment ids
     strict: bool = True  # stop at the first bad record (else skip and count it)
 
@@ -49,13 +49,13 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    from jora_model.tokenizer import Tokenizer
+    from jora_model.data.tokenizer import Tokenizer
 
     _worker_tokenizer = Tokenizer(tokenizer_path)
 
 
 def _tokenize_chunk(task: tuple[list[tuple[int, dict]], int, str]) -> list:
-    from jora_model.alpaca import tokenize_record
+    from jora_model.data.alpaca import tokenize_record
 
     chunk, max_len, template = task
     return [tokenize_record(_worker_tokenizer, record, i, max_len, template) for i, record in chunk]
@@ -98,8 +98,8 @@ def tokenize(data: str | Path, out: str | Path, tokenizer: str | Path,
              force: bool = False) -> StageResult:
     """Tokenize `data` into `out` (skipped when up to date). Returns the stage result; its manifest's
     facts hold the report (see `format_report`)."""
-    from jora_model.alpaca import TEMPLATES
-    from jora_model.tokenizer import resolve_tokenizer
+    from jora_model.data.alpaca import TEMPLATES
+    from jora_model.data.tokenizer import resolve_tokenizer
 
     data, out = Path(data), Path(out)
     tokenizer_path = resolve_tokenizer(tokenizer)
@@ -112,10 +112,10 @@ def tokenize(data: str | Path, out: str | Path, tokenizer: str | Path,
     def build(tmp: Path) -> dict[str, Any]:
         import numpy as np
 
-        from jora_model.alpaca import check_record, held_out, read_records
-        from jora_model.data import Row, ShardWriter
-        from jora_model.packing import pack
-        from jora_model.tokenizer import Tokenizer
+        from jora_model.data.alpaca import check_record, held_out, read_records
+        from jora_model.data.shards import Row, ShardWriter
+        from jora_model.data.packing import pack
+        from jora_model.data.tokenizer import Tokenizer
 
         Tokenizer(tokenizer_path)  # a bad tokenizer fails here, in the parent, with its own message
         records = read_records(data)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from jora_model.remat import POLICIES
+from jora_model.model.remat import POLICIES
 
 from .base import StageResult, adapter_input, run_stage, upstream_key
 
@@ -39,9 +39,9 @@ def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
     data, say), start from that adapter. Unlike init_adapter, the earlier adapter is not part of the
     cache key, so an unchanged rerun still skips.
 
-    distributed: a jora_model.distributed.DistributedSettings for a multi-host run; it is started
+    distributed: a jora_model.parallel.distributed.DistributedSettings for a multi-host run; it is started
     here, before anything touches a device (None: one process, unless SLURM/Open MPI say otherwise)."""
-    from jora_model import distributed as dist
+    from jora_model.parallel import distributed as dist
 
     team = dist.initialize(distributed or dist.DistributedSettings())
     try:
@@ -54,7 +54,7 @@ def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
 
 def _train(model, data, out, settings, init_adapter, resume, force, on_metrics, progress, warm_start,
            team) -> StageResult:
-    from jora_model.trainer import TrainSettings, run_training
+    from jora_model.training.trainer import TrainSettings, run_training
 
     settings = settings or TrainSettings()
     model, data, out = Path(model), Path(data), Path(out)
@@ -163,9 +163,9 @@ def train_command(model, data, out, lora_r, lora_alpha, lora_dropout, targets, r
 
     On several hosts, run this same command on each (same OUT on a shared filesystem) with
     --coordinator, --num-processes and --process-id; see the README's "Several hosts"."""
-    from jora_model.distributed import DistributedSettings
-    from jora_model.lora import LoraSettings
-    from jora_model.trainer import TrainSettings
+    from jora_model.parallel.distributed import DistributedSettings
+    from jora_model.model.lora import LoraSettings
+    from jora_model.training.trainer import TrainSettings
 
     settings = TrainSettings(
         lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets, rslora=rslora),

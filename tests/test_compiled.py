@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jora_model import compiled as compiled_module
-from jora_model.compiled import AheadOfTime
+from jora_model.training import compiled as compiled_module
+from jora_model.training.compiled import AheadOfTime
 
 
 def _norm_then_matmul(x, w):
@@ -55,7 +55,7 @@ def test_refused_option_compiles_without_it(monkeypatch, caplog):
                         {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_FUSION_TYPE"})
     monkeypatch.setattr(compiled_module, "_refused", set())
     args = _arguments()
-    with caplog.at_level("INFO", logger="jora_model.compiled"):
+    with caplog.at_level("INFO", logger="jora_model.training.compiled"):
         out = AheadOfTime(jax.jit(_norm_then_matmul))(*args)
     np.testing.assert_allclose(np.asarray(out), np.asarray(jax.jit(_norm_then_matmul)(*args)), rtol=1e-6, atol=1e-6)
     assert platform in compiled_module._refused

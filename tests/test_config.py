@@ -7,7 +7,7 @@ import json
 import pytest
 import transformers
 
-from jora_model.config import LlamaConfig, PRESETS, meta_ffn_dim, read_hf_config, read_meta_params
+from jora_model.model.config import LlamaConfig, PRESETS, meta_ffn_dim, read_hf_config, read_meta_params
 from jora_model.errors import JoraError
 
 

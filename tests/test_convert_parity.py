@@ -72,7 +72,7 @@ def test_meta_layout_matches_transformers_and_meta(case, tmp_path, tokenizer_mod
 def test_wrong_rotary_layout_is_caught(tmp_path, tokenizer_model, monkeypatch):
     """Without the interleaved -> rotate-half permutation the logits are far off: the parity tests
     above would fail on exactly this bug."""
-    import jora_model.meta_checkpoint as meta_checkpoint
+    import jora_model.formats.meta_checkpoint as meta_checkpoint
 
     params = meta_params(64, 2, 4, 2, 32)
     hf = random_hf_llama_from_meta(params, VOCAB, seed=7)

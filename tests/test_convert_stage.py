@@ -203,7 +203,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_output(meta_dir, tmp_path,
     assert run_cli("convert", meta_dir, out).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    from jora_model import safetensors_io
+    from jora_model.formats import safetensors_io
 
     def full(self, name, array):
         raise OSError(errno.ENOSPC, "No space left on device")

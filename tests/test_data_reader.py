@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from jora_model.data import BatchReader, BatchSettings, ReaderPosition, Row, ShardWriter
+from jora_model.data.shards import BatchReader, BatchSettings, ReaderPosition, Row, ShardWriter
 from jora_model.errors import JoraError
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from jora_model import load_model
-from jora_model.tokenizer_files import tokenizer_vocab_size
+from jora_model.data.tokenizer_files import tokenizer_vocab_size
 
 JORA = Path(sys.executable).with_name("jora")
 

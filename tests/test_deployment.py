@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.demo import SAMPLE, TINY_MODEL
-from stages.demo_source import make_demo_source
+from pipeline.demo_source import make_demo_source
 from tests.processes import free_port, stop_group
 
 BIN = Path(sys.executable).parent

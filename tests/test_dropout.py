@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jora_model.dropout import dropout, hash_bits
+from jora_model.model.dropout import dropout, hash_bits
 
 N = 1 << 20
 

@@ -20,10 +20,10 @@ import transformers
 from click.testing import CliRunner
 
 from jora_model import load_model
-from jora_model.adapter import save_adapter
-from jora_model.generate import Generator, SamplingSettings
-from jora_model.lora import LoraSettings, init_lora_params
-from jora_model.store import Store
+from jora_model.formats.adapter import save_adapter
+from jora_model.model.generate import Generator, SamplingSettings
+from jora_model.model.lora import LoraSettings, init_lora_params
+from jora_model.formats.store import Store
 from pipeline.cli import cli
 from stages.export import export, export_adapter
 from stages.merge import merge
@@ -165,7 +165,7 @@ def test_store_without_tokenizer_and_existing_output(setup, tmp_path):
 
 def test_failed_self_check_leaves_nothing(setup, tmp_path, monkeypatch):
     root, store, adapter, tokens, ours = setup
-    import jora_model.hf_export as hf_export
+    import jora_model.formats.hf_export as hf_export
 
     real = hf_export.hf_logits
     monkeypatch.setattr(hf_export, "hf_logits", lambda *a, **k: real(*a, **k) + 0.5)  # a wrong export

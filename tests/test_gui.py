@@ -127,11 +127,11 @@ def test_checks_report_the_field_at_fault(tmp_path, tokenizer_model):
 
 
 def test_memory_check_follows_the_plan(tmp_path, tokenizer_model):
-    """Launch is refused exactly when jora_model.memory_plan says the step does not fit a device."""
-    from jora_model.config import read_hf_config
-    from jora_model.lora import LoraSettings
-    from jora_model.memory_plan import plan_memory
-    from jora_model.sharding import MeshShape
+    """Launch is refused exactly when jora_model.training.memory_plan says the step does not fit a device."""
+    from jora_model.model.config import read_hf_config
+    from jora_model.model.lora import LoraSettings
+    from jora_model.training.memory_plan import plan_memory
+    from jora_model.parallel.sharding import MeshShape
 
     checkpoint = _hf_checkpoint(tmp_path / "hf", tokenizer_model)
     data = tmp_path / "data.json"
@@ -174,7 +174,7 @@ def test_launch_through_a_prefect_deployment(tmp_path, monkeypatch):
 
     from pipeline.demo import SAMPLE, TINY_MODEL
     from pipeline.gui.runs import DeploymentRun, check_deployment
-    from stages.demo_source import make_demo_source
+    from pipeline.demo_source import make_demo_source
 
     source = make_demo_source(SAMPLE, TINY_MODEL, tmp_path / "demo-source").out_dir
     served_settings = tmp_path / "served.yaml"  # what the deployment was served with: the run must not use it

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from jora_model import load_model
-from jora_model.adapter import load_adapter, save_adapter
-from jora_model.lora import LoraSettings, init_lora_params, merge_params, split_params
-from jora_model.store import Store, load_params
-from jora_model.train import OptimizerSettings, make_step_functions
+from jora_model.formats.adapter import load_adapter, save_adapter
+from jora_model.model.lora import LoraSettings, init_lora_params, merge_params, split_params
+from jora_model.formats.store import Store, load_params
+from jora_model.training.step import OptimizerSettings, make_step_functions
 from tests.train_helpers import tiny_store
 
 TOL = 1e-4

@@ -1,4 +1,4 @@
-"""`jora plan` and jora_model.memory_plan: exact persistent bytes, activations against XLA's own account.
+"""`jora plan` and jora_model.training.memory_plan: exact persistent bytes, activations against XLA's own account.
 
 Persistent figures (frozen weights, LoRA, optimizer state) are exact, so they are compared with a hand
 computation from Llama-2-7B's published shapes with no tolerance beyond AdamW's few bytes of counters.
@@ -16,12 +16,12 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from jora_model.config import PRESETS, preset
+from jora_model.model.config import PRESETS, preset
 from jora_model.errors import JoraError
-from jora_model.lora import LoraSettings
-from jora_model.memory_plan import candidate_meshes, meshes_that_fit, parse_bytes, plan_memory
-from jora_model.remat import POLICIES
-from jora_model.sharding import MeshShape
+from jora_model.model.lora import LoraSettings
+from jora_model.training.memory_plan import candidate_meshes, meshes_that_fit, parse_bytes, plan_memory
+from jora_model.model.remat import POLICIES
+from jora_model.parallel.sharding import MeshShape
 from pipeline.cli import cli
 
 QV16 = LoraSettings(r=16, alpha=16, targets=("q_proj", "v_proj"))
@@ -74,7 +74,7 @@ def test_7b_on_model_8_splits_all_but_the_norms():
 
 
 def test_store_plan_counts_the_stores_tensors(tmp_path, tokenizer_model):
-    from jora_model.store import Store
+    from jora_model.formats.store import Store
     from tests.train_helpers import tiny_store
 
     _, store_dir = tiny_store(tmp_path, tokenizer_model, dtype="bf16")
@@ -156,8 +156,8 @@ def _compiled_temp_bytes(name: str, seq: int, remat: str) -> int:
     """XLA's temp bytes for the real train step (one device), compiled for abstract arguments."""
     import jax
 
-    from jora_model import sharding
-    from jora_model.train import OptimizerSettings, abstract_arguments, make_step_functions
+    from jora_model.parallel import sharding
+    from jora_model.training.step import OptimizerSettings, abstract_arguments, make_step_functions
 
     config = preset(name)
     mesh = sharding.make_mesh(MeshShape(1, 1), jax.devices()[:1])

@@ -25,10 +25,10 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import jax
-    from jora_model.lora import LoraSettings
-    from jora_model.trainer import TrainSettings, run_training
-    from jora_model import sharding
-    from jora_model.store import Store, load_params
+    from jora_model.model.lora import LoraSettings
+    from jora_model.training.trainer import TrainSettings, run_training
+    from jora_model.parallel import sharding
+    from jora_model.formats.store import Store, load_params
 
     store, data, work, mesh = sys.argv[1:5]
     settings = TrainSettings(lora=LoraSettings(r=4, alpha=8, targets=("q_proj", "v_proj", "o_proj", "down_proj")),

@@ -181,7 +181,7 @@ def test_reader_rows_split_each_batch_between_processes(inputs):
     """Each process reads only its rows of a global batch, padded to the whole batch's length."""
     import numpy as np
 
-    from jora_model.data import BatchReader, BatchSettings
+    from jora_model.data.shards import BatchReader, BatchSettings
 
     _, _, data = inputs
     settings = BatchSettings(batch_size=4, seed=3, pad_multiple=8)
@@ -215,7 +215,7 @@ def test_partial_multihost_flags_are_one_line_errors(inputs):
 
 def test_no_coordinator_is_one_line_after_the_join_timeout():
     """A process that cannot reach process 0 says so (JAX itself would abort with a C++ fatal error)."""
-    code = ("from jora_model.distributed import DistributedSettings, initialize\n"
+    code = ("from jora_model.parallel.distributed import DistributedSettings, initialize\n"
             f"initialize(DistributedSettings('127.0.0.1:{free_port()}', 2, 1, init_timeout_s=2))")
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -224,7 +224,7 @@ def test_no_coordinator_is_one_line_after_the_join_timeout():
 
 
 def test_distributed_settings_need_all_three_flags_and_sane_values():
-    from jora_model.distributed import DistributedSettings, cluster_detected
+    from jora_model.parallel.distributed import DistributedSettings, cluster_detected
     from jora_model.errors import JoraError
 
     with pytest.raises(JoraError, match="needs all of --coordinator"):

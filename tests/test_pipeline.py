@@ -15,7 +15,7 @@ import pytest
 
 from jora_model.errors import JoraError
 from pipeline.demo import SAMPLE, TINY_MODEL, demo_settings
-from stages.demo_source import make_demo_source
+from pipeline.demo_source import make_demo_source
 
 
 @pytest.fixture(scope="module")

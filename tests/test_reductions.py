@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jora_model.reductions import row_max, shifted_exp
+from jora_model.backends.cpu.reductions import row_max, shifted_exp
 
 
 @pytest.mark.parametrize("width", [1, 7, 16, 48, 512, 32000, 250 * 3])

@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import json, math
     import jax, jax.numpy as jnp
-    from jora_model import sharding
-    from jora_model.config import PRESETS
+    from jora_model.parallel import sharding
+    from jora_model.model.config import PRESETS
     from jora_model.errors import JoraError
-    from jora_model.layout import param_specs
-    from jora_model.memory_plan import plan_memory
-    from jora_model.lora import LoraSettings
+    from jora_model.formats.layout import param_specs
+    from jora_model.training.memory_plan import plan_memory
+    from jora_model.model.lora import LoraSettings
 
     config = PRESETS["70B"]
     report = {"devices": len(jax.devices()), "meshes": {}}

@@ -17,8 +17,8 @@ import safetensors.torch
 import torch
 
 from jora_model.errors import JoraError
-from jora_model.safetensors_io import PlannedWriter, SafetensorsFile, plan_shards, save_file
-from jora_model.store import Store
+from jora_model.formats.safetensors_io import PlannedWriter, SafetensorsFile, plan_shards, save_file
+from jora_model.formats.store import Store
 from stages.convert import ConvertSettings, convert
 from tests.oracles.checkpoints import random_hf_llama, write_hf_dir
 
@@ -104,8 +104,8 @@ def test_each_device_reads_only_its_slice(tmp_path, tokenizer_model):
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
         import jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from jora_model.store import Store, load_params
-        from jora_model.safetensors_io import SafetensorsFile
+        from jora_model.formats.store import Store, load_params
+        from jora_model.formats.safetensors_io import SafetensorsFile
         assert len(jax.devices()) == 4
         reads = []
         original = SafetensorsFile.read

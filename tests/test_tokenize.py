@@ -14,8 +14,8 @@ import pyarrow.dataset as ds
 import pytest
 from click.testing import CliRunner
 
-from jora_model.alpaca import AlpacaConfig, TEMPLATES, generate_alpaca_dataset, render_prompt
-from jora_model.tokenizer import Tokenizer
+from jora_model.data.alpaca import AlpacaConfig, TEMPLATES, generate_alpaca_dataset, render_prompt
+from jora_model.data.tokenizer import Tokenizer
 from pipeline.cli import cli
 from stages.tokenize import TokenizeSettings, tokenize
 from tests.test_convert_stage import assert_clean_failure, no_leftovers
@@ -252,7 +252,7 @@ def test_everything_dropped_is_an_error(tmp_path, tokenizer_model):
 
 
 def test_pack_fills_rows_nearly_optimally():
-    from jora_model.packing import pack
+    from jora_model.data.packing import pack
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 120, size=2000)

@@ -13,7 +13,7 @@ import random
 import pytest
 import sentencepiece
 
-from jora_model.tokenizer import Tokenizer
+from jora_model.data.tokenizer import Tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.  Two  spaces   and three.",

@@ -13,10 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jora_model import attention, llama, loss, norm_act
-from jora_model.lora import LoraSettings, init_lora_params, merge_params
-from jora_model.store import Store, load_params
-from jora_model.train import OptimizerSettings, make_step_functions
+from jora_model.model import attention
+from jora_model.model import llama
+from jora_model.training import loss
+from jora_model.model import norm_act
+from jora_model.model.lora import LoraSettings, init_lora_params, merge_params
+from jora_model.formats.store import Store, load_params
+from jora_model.training.step import OptimizerSettings, make_step_functions
 from tests.train_helpers import tiny_store
 
 

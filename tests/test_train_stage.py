@@ -167,7 +167,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(inputs, tmp_path, mon
 
     import jax.numpy as jnp
 
-    import jora_model.train as train_module
+    import jora_model.training.step as train_module
 
     real = train_module.make_step_functions
 

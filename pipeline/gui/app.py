@@ -184,7 +184,7 @@ def build_app(base: Path):
 
     import jax
 
-    # The page's process plans memory from shapes only (jora_model.memory_plan traces abstractly, which
+    # The page's process plans memory from shapes only (jora_model.training.memory_plan traces abstractly, which
     # still starts a JAX backend): on the CPU, so it never takes accelerator memory a run needs.
     jax.config.update("jax_platforms", "cpu")
     controller = Controller(base)

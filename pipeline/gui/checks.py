@@ -3,7 +3,7 @@ nothing is launched while any remain.
 
 They catch before a run starts what the stages would otherwise stop on minutes into it: paths that do
 not exist, a checkpoint that is neither Meta's nor Hugging Face's layout, a mesh that does not divide
-the model's heads (the same `check_divisible` the trainer applies), and, once jora_model.memory_plan
+the model's heads (the same `check_divisible` the trainer applies), and, once jora_model.training.memory_plan
 exists, a model that does not fit the devices.
 """
 
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jora_model.config import LlamaConfig, read_hf_config, read_meta_params
+from jora_model.model.config import LlamaConfig, read_hf_config, read_meta_params
 from jora_model.errors import JoraError
 from pipeline.settings import FinetuneSettings
 
@@ -49,7 +49,7 @@ def checkpoint_config(checkpoint: Path, tokenizer: Path | None) -> LlamaConfig:
         return read_hf_config(checkpoint / "config.json")[0]
     vocab = None
     if tokenizer is not None and tokenizer.is_file():
-        from jora_model.tokenizer_files import tokenizer_vocab_size
+        from jora_model.data.tokenizer_files import tokenizer_vocab_size
 
         vocab = tokenizer_vocab_size(tokenizer)
     return read_meta_params(checkpoint / "params.json", vocab_size=vocab)
@@ -134,7 +134,7 @@ def check_settings(settings: FinetuneSettings, machine: Machine | None = None) -
 
 
 def _check_mesh(settings: FinetuneSettings, config: LlamaConfig | None, available: int, errors: dict[str, str]):
-    from jora_model.sharding import MeshShape, check_divisible
+    from jora_model.parallel.sharding import MeshShape, check_divisible
 
     # The shape's own problems first (they hold on any machine), then whether this machine has the devices.
     try:
@@ -157,12 +157,12 @@ def _check_mesh(settings: FinetuneSettings, config: LlamaConfig | None, availabl
 
 def _check_memory(settings: FinetuneSettings, config: LlamaConfig, mesh, device_memory: int,
                   errors: dict[str, str]) -> None:
-    """jora_model.memory_plan's estimate of the bytes per device (what `jora plan` reports), when that
+    """jora_model.training.memory_plan's estimate of the bytes per device (what `jora plan` reports), when that
     module exists; it is computed from shapes alone, on the CPU (see app.py)."""
-    if importlib.util.find_spec("jora_model.memory_plan") is None:
+    if importlib.util.find_spec("jora_model.training.memory_plan") is None:
         return
-    from jora_model.lora import LoraSettings
-    from jora_model.memory_plan import plan_memory
+    from jora_model.model.lora import LoraSettings
+    from jora_model.training.memory_plan import plan_memory
 
     t, lora = settings.train, settings.lora
     plan = plan_memory(config, seq_len=settings.data.max_seq_len, batch_size=t.batch_size, mesh=mesh,

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from jora_model.layout import LINEAR_NAMES
+from jora_model.formats.layout import LINEAR_NAMES
 from pipeline.settings import FinetuneSettings, set_dotted
 
 EXAMPLE_YAML = Path(__file__).resolve().parents[1] / "finetune.example.yaml"

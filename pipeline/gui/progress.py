@@ -80,7 +80,7 @@ def train_metrics(work: Path, train_state: str) -> list[dict[str, Any]]:
 
 
 def total_steps(work: Path, settings: FinetuneSettings) -> int | None:
-    """Optimizer steps the run will take, as jora_model.trainer counts them: whole batches per epoch
+    """Optimizer steps the run will take, as jora_model.training.trainer counts them: whole batches per epoch
     (the short last one is dropped), grouped by grad_accum, capped at max_steps."""
     try:
         rows = json.loads((work / "tokenized" / "stats.json").read_text())["splits"]["train"]["rows"]

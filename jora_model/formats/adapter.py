@@ -1,0 +1,88 @@
+"""A trained adapter on disk: `adapter.safetensors` (fp32, one A and B per layer and target,
+`layers.3.attention.q_proj.lora_a` [in, r], `.lora_b` [r, out]) and `adapter.json` (LoRA settings,
+the base model's settings and the hash of the store it was trained on)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jora_model.model.config import LlamaConfig
+from jora_model.errors import JoraError
+from jora_model.model.lora import LoraSettings, target_specs
+from jora_model.formats.safetensors_io import SafetensorsFile, save_file
+
+WEIGHTS = "adapter.safetensors"
+SETTINGS = "adapter.json"
+
+
+def _module_to_key(module: str) -> str:
+    return module.removeprefix("layers/").replace("/", ".")  # layers/attention/q_proj -> attention.q_proj
+
+
+def save_adapter(directory: Path, lora_params: dict[str, dict[str, Any]], lora: LoraSettings,
+                 config: LlamaConfig, base_hash: str, extra: dict[str, Any] | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    for module, leaves in sorted(lora_params.items()):
+        key = _module_to_key(module)
+        for name in ("lora_a", "lora_b"):
+            stacked = np.asarray(leaves[name], np.float32)
+            for layer in range(stacked.shape[0]):
+                tensors[f"layers.{layer}.{key}.{name}"] = stacked[layer]
+    save_file(directory / WEIGHTS, tensors, {"format": "jora-adapter"})
+    meta = {"format": "jora-adapter", "version": 1, "lora": lora.to_dict(), "base_config": config.to_dict(),
+            "base_hash": base_hash, **(extra or {})}
+    (directory / SETTINGS).write_text(json.dumps(meta, indent=1) + "\n")
+    return directory
+
+
+def adapter_dir(path: Path) -> Path:
+    """A train stage output or its adapter/ directory -> the directory holding adapter.json."""
+    path = Path(path)
+    for candidate in (path, path / "adapter"):
+        if (candidate / SETTINGS).is_file():
+            return candidate
+    raise JoraError(f"not a jora adapter (no {SETTINGS} here or in adapter/)", path)
+
+
+def load_adapter(path: Path, config: LlamaConfig | None = None) -> tuple[dict, LoraSettings, dict[str, Any]]:
+    """(stacked LoRA params, settings, metadata); checks the adapter fits `config` when given."""
+    directory = adapter_dir(path)
+    try:
+        meta = json.loads((directory / SETTINGS).read_text())
+        lora = LoraSettings.from_dict(meta["lora"])
+        base = LlamaConfig.from_dict(meta["base_config"])
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise JoraError("corrupt adapter settings", directory / SETTINGS) from None
+    except JoraError as exc:  # settings that parse but make no sense (an unknown target, say)
+        raise JoraError(str(exc), directory / SETTINGS) from None
+    if config is not None and (base.dim, base.n_layers, base.n_heads, base.n_kv_heads, base.ffn_dim) != (
+            config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.ffn_dim):
+        raise JoraError("adapter was trained for a model of another shape "
+                        f"(dim {base.dim}, {base.n_layers} layers vs dim {config.dim}, {config.n_layers} layers)",
+                        directory)
+    config = config or base
+    params: dict[str, dict[str, np.ndarray]] = {}
+    with SafetensorsFile(directory / WEIGHTS) as f:
+        for module, (layers, fan_in, fan_out) in target_specs(config, lora):
+            key = _module_to_key(module)
+            leaves = {}
+            for name, shape in (("lora_a", (fan_in, lora.r)), ("lora_b", (lora.r, fan_out))):
+                per_layer = []
+                for layer in range(layers):
+                    tensor_name = f"layers.{layer}.{key}.{name}"
+                    if tensor_name not in f:
+                        raise JoraError(f"adapter lacks {tensor_name}", directory / WEIGHTS)
+                    value = f.read(tensor_name)
+                    if value.shape != shape:
+                        raise JoraError(f"{tensor_name} has shape {value.shape}, the model needs {shape}",
+                                        directory / WEIGHTS)
+                    per_layer.append(value.astype(np.float32))
+                leaves[name] = np.stack(per_layer)
+            params[module] = leaves
+    return params, lora, meta

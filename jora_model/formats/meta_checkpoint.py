@@ -1,0 +1,193 @@
+"""Meta's original Llama checkpoint (params.json, tokenizer.model, consolidated.NN.pth), read tensor
+by tensor and merged across model-parallel shards the way Meta's model.py split them.
+
+Split dims (fairscale layers in Meta's model.py): the embedding is a ParallelEmbedding split on the
+embedding dim (dim 1); wq, wk, wv, w1, w3 and output are ColumnParallelLinear (dim 0 of [out, in]);
+wo and w2 are RowParallelLinear (dim 1); norms are replicated; rope.freqs is unused.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from jora_model.model.config import read_meta_params
+from jora_model.errors import JoraError
+
+SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+# Meta name (per layer unless global) -> (our store suffix, split dim in [out, in], permute for rotary)
+_LAYER_KEYS = {
+    "attention_norm.weight": ("attention_norm", None, False),
+    "attention.wq.weight": ("attention.q_proj", 0, True),
+    "attention.wk.weight": ("attention.k_proj", 0, True),
+    "attention.wv.weight": ("attention.v_proj", 0, False),
+    "attention.wo.weight": ("attention.o_proj", 1, False),
+    "ffn_norm.weight": ("ffn_norm", None, False),
+    "feed_forward.w1.weight": ("mlp.gate_proj", 0, False),
+    "feed_forward.w3.weight": ("mlp.up_proj", 0, False),
+    "feed_forward.w2.weight": ("mlp.down_proj", 1, False),
+}
+_GLOBAL_KEYS = {
+    "tok_embeddings.weight": ("embed", 1, False),
+    "norm.weight": ("final_norm", None, False),
+    "output.weight": ("lm_head", 0, False),
+}
+
+
+def interleaved_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder the output rows of a Meta wq/wk ([heads * E, in]) from interleaved rotary pairs
+    (2i, 2i+1) to rotate-half pairs (i, i + E/2): per head, rows [0, 2, 4, ..., 1, 3, 5, ...].
+    For wk, `n_heads` is the number of KV heads."""
+    rows, cols = w.shape
+    e = rows // n_heads
+    return w.reshape(n_heads, e // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def is_meta_checkpoint(src: Path) -> bool:
+    return (src / "params.json").exists() or any(SHARD_PATTERN.match(p.name) for p in src.iterdir())
+
+
+def shard_files(src: Path) -> list[Path]:
+    """consolidated.00.pth .. consolidated.NN.pth, checked to be numbered 0..N-1 without gaps."""
+    found = sorted((int(m.group(1)), p) for p in src.iterdir() if (m := SHARD_PATTERN.match(p.name)))
+    if not found:
+        raise JoraError("no consolidated.NN.pth shards found", src)
+    numbers = [n for n, _ in found]
+    if numbers != list(range(len(found))):
+        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        detail = f"missing consolidated.{missing[0]:02d}.pth" if missing else "duplicate shard numbers"
+        raise JoraError(f"shard files {', '.join(p.name for _, p in found)} are not numbered 00..{len(found) - 1:02d} "
+                        f"({detail})", src)
+    return [p for _, p in found]
+
+
+def verify_zip_crcs(path: Path) -> None:
+    """torch.save writes a zip whose members carry CRC32s, but torch.load never checks them: a flipped
+    byte inside a tensor would load silently. Stream every member once and compare."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise JoraError(f"not a readable torch checkpoint ({exc})", path) from None
+    if bad is not None:
+        raise JoraError(f"corrupt checkpoint: {bad} fails its CRC check", path)
+
+
+def _load_shard(path: Path) -> dict:
+    import zipfile
+
+    import torch
+
+    if not zipfile.is_zipfile(path):
+        raise JoraError("not a readable torch checkpoint (truncated or corrupt, or saved in torch's legacy "
+                        "non-zip format)", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for truncated or corrupt zips and pickles
+        message = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise JoraError(f"cannot read checkpoint shard ({message})", path) from None
+    if not isinstance(state, dict):
+        raise JoraError("checkpoint shard does not hold a state dict", path)
+    return state
+
+
+def _to_numpy(tensor, path: Path, name: str) -> np.ndarray:
+    import ml_dtypes
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise JoraError(f"{name} is not a tensor", path)
+    try:
+        if tensor.dtype == torch.bfloat16:
+            return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        if tensor.dtype in (torch.float16, torch.float32, torch.float64):
+            return tensor.contiguous().numpy()
+    except RuntimeError as exc:  # mmap'd data past the end of a truncated file
+        raise JoraError(f"cannot read {name} ({exc})", path) from None
+    raise JoraError(f"{name} has unsupported dtype {tensor.dtype}", path)
+
+
+class MetaCheckpoint:
+    def __init__(self, src: Path):
+        self.src = Path(src)
+        params_path = self.src / "params.json"
+        if not params_path.is_file():
+            raise JoraError("file not found (Meta's layout needs params.json)", params_path)
+        self.shards = shard_files(self.src)
+        for shard in self.shards:
+            verify_zip_crcs(shard)
+        tokenizer = self.src / "tokenizer.model"
+        self.tokenizer = tokenizer if tokenizer.is_file() else None
+        embed_shape = self._embedding_shape()
+        self.config = read_meta_params(params_path, vocab_size=embed_shape[0])
+        n = len(self.shards)
+        if embed_shape[1] * n != self.config.dim:
+            raise JoraError(f"tok_embeddings.weight is {embed_shape[1]} wide in each of {n} shard(s), "
+                            f"{embed_shape[1] * n} in all, but params.json says dim {self.config.dim} "
+                            "(a missing or extra consolidated.NN.pth?)", self.shards[0])
+        for what, count in (("n_heads", self.config.n_heads), ("n_kv_heads", self.config.n_kv_heads)):
+            if count % n:
+                raise JoraError(f"{n} model-parallel shards cannot split {what}={count}", params_path)
+
+    def _embedding_shape(self) -> tuple[int, int]:
+        """Llama-2's params.json says vocab_size -1; every shard holds all vocabulary rows of the
+        embedding (it is split on the embedding dim), so shard 0 gives the vocabulary size."""
+        state = _load_shard(self.shards[0])
+        embedding = state.get("tok_embeddings.weight")
+        if embedding is None or embedding.ndim != 2:
+            raise JoraError("tok_embeddings.weight not found or not a matrix", self.shards[0])
+        return int(embedding.shape[0]), int(embedding.shape[1])
+
+    def tensor_count(self) -> int:
+        return len(_GLOBAL_KEYS) + len(_LAYER_KEYS) * self.config.n_layers
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray, Path]]:
+        """(store name, [in, out] array in the checkpoint's dtype, file it came from), one at a time.
+
+        The shards are reopened for each layer so the pages of tensors already converted are dropped
+        with their mapping: resident memory stays near one layer, not the whole checkpoint."""
+        groups: list[list[tuple[str, str, int | None, bool]]] = [
+            [("tok_embeddings.weight", *_GLOBAL_KEYS["tok_embeddings.weight"])]]
+        for i in range(self.config.n_layers):
+            groups.append([(f"layers.{i}.{k}", f"layers.{i}.{s}", d, p) for k, (s, d, p) in _LAYER_KEYS.items()])
+        groups.append([(k, *_GLOBAL_KEYS[k]) for k in ("norm.weight", "output.weight")])
+        for group in groups:
+            states = [_load_shard(path) for path in self.shards]
+            for meta_name, store_name, split_dim, permute in group:
+                merged = self._merge(states, meta_name, split_dim, permute)
+                # Meta's linear weights are [out, in]; the store keeps [in, out]. The embedding stays [V, D].
+                yield store_name, (merged.T if merged.ndim == 2 and store_name != "embed" else merged), \
+                    self._source(meta_name)
+            del states
+
+    def _source(self, meta_name: str) -> str:
+        where = self.shards[0] if len(self.shards) == 1 else self.src / "consolidated.*.pth"
+        return f"{where} ({meta_name})"
+
+    def _merge(self, states: list[dict], name: str, split_dim: int | None, permute: bool) -> np.ndarray:
+        pieces = []
+        for path, state in zip(self.shards, states):
+            if name not in state:
+                raise JoraError(f"tensor {name} not found", path)
+            pieces.append(_to_numpy(state[name], path, name))
+        for path, piece in zip(self.shards, pieces):
+            if piece.shape != pieces[0].shape:
+                raise JoraError(f"{name} has shape {piece.shape} here but {pieces[0].shape} in "
+                                f"{self.shards[0].name}", path)
+        if split_dim is None:
+            merged = pieces[0]
+        else:
+            merged = np.concatenate(pieces, axis=split_dim) if len(pieces) > 1 else pieces[0]
+        if permute:
+            heads = self.config.n_heads if ".wq." in name else self.config.n_kv_heads
+            if merged.ndim != 2 or merged.shape[0] % (heads * 2):
+                raise JoraError(f"{name} has shape {merged.shape}, not {heads} heads of even width",
+                                self._source(name))
+            merged = interleaved_to_rotate_half(merged, heads)
+        return merged

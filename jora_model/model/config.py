@@ -1,0 +1,201 @@
+"""Model settings: one frozen dataclass, Llama-2's presets, and readers for Meta's and HF's files.
+
+Shape glossary used across `jora_model`:
+    B batch, T sequence, D model dim, H query heads, K key/value heads, R = H // K queries per KV head,
+    E head dim (D // H), F feed-forward hidden dim, V vocabulary, L decoder layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from jora_model.errors import JoraError
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int  # V: rows of the embedding and of the output head
+    dim: int  # D: width of the residual stream
+    n_layers: int  # L: decoder blocks
+    n_heads: int  # H: query heads
+    n_kv_heads: int  # K: key/value heads (K < H is grouped-query attention; 70B uses 8)
+    ffn_dim: int  # F: SwiGLU hidden width (Meta derives it from multiple_of / ffn_dim_multiplier)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # rotary base frequency
+    max_seq_len: int = 4096  # longest context the model was trained for (Llama-2: 4096)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise JoraError(f"model setting {name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise JoraError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise JoraError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise JoraError(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if not (self.norm_eps > 0 and self.rope_theta > 0):
+            raise JoraError("norm_eps and rope_theta must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head: query head h reads KV head h // n_rep."""
+        return self.n_heads // self.n_kv_heads
+
+    def param_count(self) -> int:
+        d, e, f = self.dim, self.head_dim, self.ffn_dim
+        attention = d * self.n_heads * e * 2 + d * self.n_kv_heads * e * 2
+        block = attention + 3 * d * f + 2 * d
+        return 2 * self.vocab_size * d + self.n_layers * block + d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise JoraError(f"unknown model settings: {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a missing field
+            raise JoraError(f"incomplete model settings: {exc}") from None
+
+    def replace(self, **changes: Any) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """The hidden width Meta's FeedForward computes from params.json (model.py, FeedForward.__init__)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+# Llama-2's published shapes. Parameter counts: 6,738,415,616 / 13,015,864,320 / 68,976,648,192.
+PRESETS: dict[str, LlamaConfig] = {
+    "7B": LlamaConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                      ffn_dim=meta_ffn_dim(4096, 256, None)),
+    "13B": LlamaConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40,
+                       ffn_dim=meta_ffn_dim(5120, 256, None)),
+    "70B": LlamaConfig(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       ffn_dim=meta_ffn_dim(8192, 4096, 1.3)),
+}
+
+
+# Small shapes for benchmarks and tests (random weights only; no such checkpoints exist).
+BENCH_SHAPES: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(vocab_size=32000, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=344),
+    "small": LlamaConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1376),
+    "base110m": LlamaConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+    """Llama-2's 7B/13B/70B, or a benchmark shape (tiny, small, base110m); case-insensitive."""
+    table = {**{k.lower(): v for k, v in PRESETS.items()}, **BENCH_SHAPES}
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise JoraError(f"unknown preset {name!r}; choose one of {', '.join(table)}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise JoraError("file not found", path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JoraError(f"not valid JSON ({exc})", path) from None
+    if not isinstance(value, dict):
+        raise JoraError("expected a JSON object", path)
+    return value
+
+
+def _require(values: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    if key not in values:
+        raise JoraError(f"missing field {key!r}", path)
+    value = values[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise JoraError(f"field {key!r} has the wrong type ({value!r})", path)
+    return value
+
+
+def read_meta_params(path: Path, vocab_size: int | None = None) -> LlamaConfig:
+    """Read Meta's params.json. Llama-2 writes `vocab_size: -1`; pass the real size (from the
+    tokenizer or output.weight) as `vocab_size` then."""
+    path = Path(path)
+    p = _read_json(path)
+    dim = _require(p, "dim", int, path)
+    n_heads = _require(p, "n_heads", int, path)
+    n_layers = _require(p, "n_layers", int, path)
+    multiple_of = p.get("multiple_of", 256)
+    multiplier = p.get("ffn_dim_multiplier")
+    if not isinstance(multiple_of, int) or multiple_of <= 0:
+        raise JoraError(f"field 'multiple_of' must be a positive integer ({multiple_of!r})", path)
+    if multiplier is not None and not isinstance(multiplier, (int, float)):
+        raise JoraError(f"field 'ffn_dim_multiplier' must be a number ({multiplier!r})", path)
+    n_kv_heads = p.get("n_kv_heads") or n_heads
+    file_vocab = p.get("vocab_size", -1)
+    if isinstance(file_vocab, int) and file_vocab > 0:
+        if vocab_size is not None and vocab_size != file_vocab:
+            raise JoraError(f"vocab_size {file_vocab} disagrees with the weights ({vocab_size} rows)", path)
+        vocab_size = file_vocab
+    if vocab_size is None:
+        raise JoraError("vocab_size is -1 and no tokenizer or output weight gives it", path)
+    try:
+        return LlamaConfig(
+            vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+            ffn_dim=meta_ffn_dim(dim, multiple_of, multiplier),
+            norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 10000.0)),
+            max_seq_len=int(p.get("max_seq_len", 4096)),
+        )
+    except JoraError as exc:
+        raise JoraError(str(exc), path) from None
+
+
+def read_hf_config(path: Path) -> tuple[LlamaConfig, bool]:
+    """Read an HF Llama config.json; returns the settings and whether the output head is tied."""
+    path = Path(path)
+    c = _read_json(path)
+    arch = c.get("architectures") or []
+    if c.get("model_type") != "llama" or (arch and "LlamaForCausalLM" not in arch):
+        what = c.get("model_type") or (arch[0] if arch else "unknown")
+        raise JoraError(f"not a Llama model (model_type {what!r}); jora converts LlamaForCausalLM only", path)
+    if c.get("hidden_act", "silu") != "silu":
+        raise JoraError(f"hidden_act {c['hidden_act']!r} is not Llama's silu", path)
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise JoraError("attention or MLP biases are not part of Llama and are not supported", path)
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in (None, "default"):
+        raise JoraError(f"rope scaling {rope_type!r} is not supported (plain rotary only)", path)
+    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0)
+    dim = _require(c, "hidden_size", int, path)
+    n_heads = _require(c, "num_attention_heads", int, path)
+    head_dim = c.get("head_dim")
+    if head_dim is not None and head_dim != dim // n_heads:
+        raise JoraError(f"head_dim {head_dim} != hidden_size / num_attention_heads is not supported", path)
+    try:
+        config = LlamaConfig(
+            vocab_size=_require(c, "vocab_size", int, path), dim=dim,
+            n_layers=_require(c, "num_hidden_layers", int, path), n_heads=n_heads,
+            n_kv_heads=c.get("num_key_value_heads") or n_heads,
+            ffn_dim=_require(c, "intermediate_size", int, path),
+            norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            max_seq_len=int(c.get("max_position_embeddings", 4096)),
+        )
+    except JoraError as exc:
+        raise JoraError(str(exc), path) from None
+    return config, bool(c.get("tie_word_embeddings", False))
+

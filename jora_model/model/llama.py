@@ -1,0 +1,354 @@
+"""The Llama decoder as Haiku modules.
+
+Shapes (see config.py): tokens [B, T]; activations [B, T, D]; queries [B, T, H, E]; keys/values
+[B, T, K, E]; logits [B, T, V].
+
+Parameter paths (the names sharding rules and LoRA targets match on; layout.py maps them to the store):
+    embed/embeddings                    [V, D]
+    layers/attention_norm/scale         [L, D]
+    layers/attention/{q,k,v,o}_proj/w   [L, in, out]
+    layers/ffn_norm/scale               [L, D]
+    layers/mlp/{gate,up,down}_proj/w    [L, in, out]
+    final_norm/scale                    [D]
+    lm_head/w                           [D, V]
+Per-layer weights are stacked on L and the decoder runs as one scanned layer (hk.layer_stack): one
+compiled layer instead of L copies, and a natural unit for rematerialisation.
+
+Rotary uses the rotate-half convention: feature i of a head pairs with feature i + E/2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jora_model.model.attention import Visibility, attend
+from jora_model.model.config import LlamaConfig
+from jora_model.model.dropout import dropout
+from jora_model.backends.cpu.kept import keeper, remat_layer
+from jora_model.model.lora import LoraSettings
+from jora_model.model.norm_act import rms_norm, swiglu
+from jora_model.model.remat import check_policy
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    compute_dtype: str = "float32"  # activations and matmul inputs; "bfloat16" for training
+    param_dtype: str = "float32"  # dtype of freshly initialised parameters (loaded ones keep theirs)
+    remat: str = "none"  # what a decoder layer keeps for its backward pass: "matmuls", "layer" or
+    # "none" (remat.py); the first two recompute the rest of the layer in the backward pass
+    scan_unroll: int = 1  # decoder layers per scan iteration (1 = fully rolled)
+    lora: LoraSettings | None = None  # adapters on the targeted linear layers
+
+    def __post_init__(self) -> None:
+        check_policy(self.remat)
+
+
+def as_bits(params: dict) -> dict:
+    """The stacked layer weights in bf16 as their uint16 bit patterns, for apply. XLA's CPU backend
+    upcasts a bf16 dynamic-slice to fp32, so slicing the stacked [L, ...] weights for the layer scan
+    made it convert every frozen weight to fp32 and back, every step (5-8% of a step at `small`);
+    slicing integers does not. `_get_parameter` turns them back into bf16, a free bitcast. Inside a
+    step the conversion itself still costs a copy of every stacked weight (XLA materialises it before
+    the loop), so callers that can hand the step its frozen weights as bits already
+    (`store.load_params(bits=True)`); this is then a no-op. Unstacked weights (embedding, head) stay
+    bf16: they are not sliced, and a bitcast there would cost the copy for nothing."""
+    return {module: {name: jax.lax.bitcast_convert_type(a, jnp.uint16)
+                     if module.startswith(STACK_NAME + "/") and a.dtype == jnp.bfloat16 else a
+                     for name, a in leaves.items()}
+            for module, leaves in params.items()}
+
+
+def from_bits(a: jax.Array) -> jax.Array:
+    """The bf16 array whose bit patterns `a` holds (as_bits' inverse); other arrays as they are."""
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
+def _get_parameter(name, shape, dtype, init):
+    return from_bits(hk.get_parameter(name, shape, dtype, init=init))
+
+
+STACK_NAME = "layers"  # the layer stack's module name: its parameters are [L, ...]
+
+
+class Linear(hk.Module):
+    """y = x @ w (no bias), plus the LoRA update when this layer is a LoRA target.
+
+    The base matmul takes its operands in the compute dtype and accumulates in fp32, forward and
+    backward (see `_matmul`). The adapter's two thin matmuls run in fp32 from its fp32 weights, as
+    PEFT runs them: they cost r/out of the base matmul, and their gradients are the trained ones."""
+
+    def __init__(self, out_features: int, options: ModelOptions, name: str, training: bool = False):
+        super().__init__(name=name)
+        self.out_features = out_features
+        self.options = options
+        self.training = training
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        fan_in = x.shape[-1]
+        w = _get_parameter("w", [fan_in, self.out_features], jnp.dtype(self.options.param_dtype),
+                             init=hk.initializers.RandomNormal(stddev=fan_in ** -0.5))
+        cdt = jnp.dtype(self.options.compute_dtype)
+        x = x.astype(cdt)
+        y = _matmul(x, w.astype(cdt))
+        lora = self.options.lora
+        if lora is not None and self.module_name.rsplit("/", 1)[-1] in lora.targets:
+            bound = fan_in ** -0.5
+            a = hk.get_parameter("lora_a", [fan_in, lora.r], jnp.float32,
+                                 init=hk.initializers.RandomUniform(-bound, bound))
+            b = hk.get_parameter("lora_b", [lora.r, self.out_features], jnp.float32, init=jnp.zeros)
+            h = x.astype(jnp.float32)
+            if self.training and lora.dropout > 0:
+                h = dropout(hk.next_rng_key(), lora.dropout, h)
+            y = y + lora.scale * lora_update(h, a, b)
+        return y.astype(cdt)
+
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:  # [..., in] x [in, out] -> [..., out] fp32
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(x, w):
+    return _matmul(x, w), (x, w)
+
+
+def _matmul_bwd(residuals, grad):
+    """The backward matmuls in the operands' dtype with fp32 accumulation, like the forward. Left to
+    autodiff, the fp32 cotangent of the fp32 output would promote the bf16 weight to fp32: every step
+    would convert the frozen weights and run the backward at fp32 speed (half the forward's on CPUs
+    with bf16 units, a quarter or less on GPUs)."""
+    x, w = residuals
+    grad = grad.astype(x.dtype)
+    dx = jnp.matmul(grad, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("...i,...o->io", x, grad, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _dot(x: jax.Array, y: jax.Array, x_axis: int, y_axis: int) -> jax.Array:
+    """x and y contracted over one axis each, in fp32."""
+    return jax.lax.dot_general(x, y, (((x_axis,), (y_axis,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def lora_update(h: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """(h @ a) @ b in fp32: h [..., in], a [in, r], b [r, out] -> [..., out]."""
+    return jnp.matmul(jnp.matmul(h, a, preferred_element_type=jnp.float32), b, preferred_element_type=jnp.float32)
+
+
+def _lora_update_fwd(h, a, b):
+    return lora_update(h, a, b), (h, a, b)
+
+
+def _lora_update_bwd(residuals, grad):
+    """Every product in a form XLA's CPU dots read without a transposed copy of a [tokens, in] operand.
+    A product that sums over tokens (dA, dB: both operands hold tokens on their major axis) gets its
+    left operand transposed by XLA; autodiff's dA = h^T g put h there (1.5 MiB copied per target and
+    layer at base110m). Here the thin [tokens, r] factor is on the left of both, and dA is computed
+    as dA^T = g^T h, [r, in]."""
+    h, a, b = residuals
+    n, fan_in = math.prod(h.shape[:-1]), h.shape[-1]
+    h2, g2 = h.reshape(n, fan_in), grad.reshape(n, grad.shape[-1]).astype(jnp.float32)
+    # h @ a (recomputed: r N in multiplications) and its gradient, [N, r], then both transposed in
+    # memory. The barriers keep XLA from folding the transposes into the products on either side
+    # (which then ran as plain dots, not YNNPACK's).
+    ha, g_ha = jax.lax.optimization_barrier((_dot(h2, a, 1, 0), _dot(g2, b, 1, 1)))
+    ha_t, g_ha_t = jax.lax.optimization_barrier((ha.T, g_ha.T))  # [r, N]
+    db = _dot(ha_t, g2, 1, 0)  # [r, out]
+    da = jax.lax.optimization_barrier(_dot(g_ha_t, h2, 1, 0)).T  # [in, r], computed as dA^T [r, in]
+    dh = _dot(g_ha, a, 1, 1).reshape(h.shape)  # [..., in]
+    return dh.astype(h.dtype), da, db
+
+
+lora_update.defvjp(_lora_update_fwd, _lora_update_bwd)
+
+
+class Embed(hk.Module):
+    def __init__(self, vocab_size: int, dim: int, options: ModelOptions, name: str = "embed"):
+        super().__init__(name=name)
+        self.shape, self.options = (vocab_size, dim), options
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        table = _get_parameter("embeddings", self.shape, jnp.dtype(self.options.param_dtype),
+                                 init=hk.initializers.RandomNormal(1.0))
+        return jnp.take(table, tokens, axis=0).astype(self.options.compute_dtype)
+
+
+class RMSNorm(hk.Module):
+    def __init__(self, eps: float, options: ModelOptions, name: str):
+        super().__init__(name=name)
+        self.eps = eps
+        self.options = options
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+        scale = _get_parameter("scale", [x.shape[-1]], jnp.dtype(self.options.param_dtype), init=jnp.ones)
+        return rms_norm(x.astype(self.options.compute_dtype), scale, self.eps)
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin, [B, T, E], for the rotate-half convention; computed in fp32."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # x [B, T, N, E]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its own segment, so a packed example sees positions 0, 1, ..."""
+    t = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], dtype=jnp.bool_), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+class Attention(hk.Module):
+    def __init__(self, config: LlamaConfig, options: ModelOptions, training: bool, name: str = "attention"):
+        super().__init__(name=name)
+        self.c, self.o, self.training = config, options, training
+
+    def __call__(self, x: jax.Array, visibility: Visibility, cos: jax.Array, sin: jax.Array,
+                 cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
+        """visibility: which keys each query sees (attention.py). With `cache` ([B, S, K, E] keys and
+        values of this layer), the new keys and values are written at cache_index and attention runs
+        over the whole cache; returns (output, updated cache) then, else the output alone."""
+        c, o = self.c, self.o
+        b, t, _ = x.shape
+        e, k_heads, rep = c.head_dim, c.n_kv_heads, c.n_rep
+        q = Linear(c.n_heads * e, o, "q_proj", self.training)(x).reshape(b, t, c.n_heads, e)
+        k = Linear(k_heads * e, o, "k_proj", self.training)(x).reshape(b, t, k_heads, e)
+        v = Linear(k_heads * e, o, "v_proj", self.training)(x).reshape(b, t, k_heads, e)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:  # training or scoring: what the backward pass reads (kept.py)
+            kept = keeper(o.remat, projection=True)
+            q, k, v = kept(q), kept(k), kept(v)
+        else:
+            at = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
+        # Query head h = kv * rep + r reads KV head kv = h // rep: group queries instead of copying K/V.
+        q = q.reshape(b, t, k_heads, rep, e)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), visibility, cache is None).reshape(b, t, c.n_heads * e)
+        out = Linear(c.dim, o, "o_proj", self.training)(out)
+        return out if cache is None else (out, (k, v))
+
+
+class MLP(hk.Module):
+    def __init__(self, config: LlamaConfig, options: ModelOptions, training: bool, name: str = "mlp"):
+        super().__init__(name=name)
+        self.c, self.o, self.training = config, options, training
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, o = self.c, self.o
+        gate = Linear(c.ffn_dim, o, "gate_proj", self.training)(x)
+        up = Linear(c.ffn_dim, o, "up_proj", self.training)(x)
+        kept = keeper(o.remat, projection=True)
+        gate, up = kept(gate), kept(up)
+        return Linear(c.dim, o, "down_proj", self.training)(swiglu(gate, up))
+
+
+def decoder_layer(config: LlamaConfig, options: ModelOptions, training: bool) -> Callable:
+    def layer(x, visibility, cos, sin):
+        attention = Attention(config, options, training)
+        x = keeper(options.remat, projection=False)(x)
+        h = x + attention(RMSNorm(config.norm_eps, options, "attention_norm")(x), visibility, cos, sin)
+        # the residual stream after attention is o_proj's output plus x: kept with the projections
+        h = keeper(options.remat, projection=True)(h)
+        out = h + MLP(config, options, training)(RMSNorm(config.norm_eps, options, "ffn_norm")(h))
+        return out, visibility, cos, sin
+
+    return remat_layer(layer, options.remat, hk.remat)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for generation: [L, B, S, K, E] each."""
+    k: jax.Array
+    v: jax.Array
+
+
+def empty_cache(config: LlamaConfig, batch: int, length: int, dtype: str) -> KVCache:
+    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def cached_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array, cache: KVCache,
+                   cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+    """tokens [B, T] at positions cache_index .. cache_index + T - 1 -> (logits [B, T, V], cache).
+    Call inside hk.transform; the parameters are the same as llama_forward's."""
+    t, length = tokens.shape[1], cache.k.shape[2]
+    positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), tokens.shape)
+    x = Embed(config.vocab_size, config.dim, options)(tokens)
+    cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
+    # a query sees every cached key at or before its own position (later slots are empty or stale)
+    slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (tokens.shape[0], length))
+    visibility = Visibility(positions, slots, jnp.zeros_like(positions), jnp.zeros_like(slots))
+
+    def layer(x, per_layer):
+        k_cache, v_cache = per_layer
+        attention = Attention(config, options, False)
+        h, (k_new, v_new) = attention(RMSNorm(config.norm_eps, options, "attention_norm")(x), visibility, cos, sin,
+                                      (k_cache, v_cache), cache_index)
+        h = x + h
+        out = h + MLP(config, options, False)(RMSNorm(config.norm_eps, options, "ffn_norm")(h))
+        return out, (k_new, v_new)
+
+    stack = hk.layer_stack(config.n_layers, with_per_layer_inputs=True, name=STACK_NAME)
+    x, (k_all, v_all) = stack(layer)(x, (cache.k, cache.v))
+    x = RMSNorm(config.norm_eps, options, "final_norm")(x)
+    return Linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32), KVCache(k_all, v_all)
+
+
+def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
+                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+                  training: bool = False, hidden: bool = False) -> jax.Array:
+    """tokens [B, T] -> logits [B, T, V] in fp32. Call inside hk.transform.
+
+    segment_ids [B, T] (optional): tokens attend only within their own segment; positions default to
+    each token's offset inside its segment, so packing does not change any example's logits.
+    training: LoRA dropout on (needs an rng in apply).
+    hidden: return the final-normed hidden states [B, T, D] in the compute dtype instead of the
+    logits (the loss applies lm_head/w itself, chunk by chunk: see loss.py).
+    """
+    if segment_ids is None:
+        segment_ids = jnp.zeros(tokens.shape, jnp.int32)
+    if positions is None:
+        positions = segment_positions(segment_ids)
+    x = Embed(config.vocab_size, config.dim, options)(tokens)
+    cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
+    visibility = Visibility.causal(segment_ids)
+    stack = hk.layer_stack(config.n_layers, name=STACK_NAME, unroll=options.scan_unroll)
+    x, *_ = stack(decoder_layer(config, options, training))(x, visibility, cos, sin)
+    x = RMSNorm(config.norm_eps, options, "final_norm")(x)
+    if hidden:
+        return x
+    return Linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32)
+
+
+def transformed(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:
+    """The pure (init, apply) pair: apply(params, rng, tokens, segment_ids=None, positions=None,
+    training=False, hidden=False)."""
+    return hk.transform(lambda tokens, segment_ids=None, positions=None, training=False, hidden=False:
+                        llama_forward(config, options, tokens, segment_ids, positions, training, hidden))
+
+
+def transformed_cached(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:
+    """apply(params, None, tokens, cache, cache_index) -> (logits, cache), for generation."""
+    return hk.transform(lambda tokens, cache, cache_index: cached_forward(config, options, tokens, cache,
+                                                                         cache_index))
