@@ -34,6 +34,7 @@ class BenchSettings:
     compute_dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
     remat: str = "matmuls"  # remat.POLICIES
+    kernels: str = "auto"  # backends.KERNELS
     lora: LoraSettings = LoraSettings()
 
 

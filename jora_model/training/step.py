@@ -74,7 +74,7 @@ class StepFunctions:
 
 def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: OptimizerSettings,
                         compute_dtype: str = "bfloat16", remat: str = "matmuls", seed: int = 420,
-                        mesh: Any = None) -> StepFunctions:
+                        mesh: Any = None, kernels: str = "auto") -> StepFunctions:
     """With a mesh, the state is placed by the sharding rules (sharding.state_shardings) and the step
     keeps it there, donating the old buffers to the new state."""
     options = ModelOptions(compute_dtype=compute_dtype, lora=lora, remat=remat)
