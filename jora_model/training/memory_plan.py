@@ -220,7 +220,7 @@ def combine_activations(terms: dict[str, int], n_layers: int, remat: str) -> int
 
 def plan_memory(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: MeshShape, lora: LoraSettings,
                 remat: str = "matmuls", param_dtype: str = "bfloat16", device_memory: int | None = None,
-                grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP) -> MemoryPlan:
+                grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP, kernels: str = "cpu") -> MemoryPlan:
     """The bytes per device of training `config` with `lora` at batch_size rows of seq_len tokens
     (per micro-batch, over the whole data axis) on `mesh`; fits when device_memory is given."""
     if param_dtype not in _DTYPE_BYTES:
