@@ -4,8 +4,9 @@ Oracles: transformers' LlamaForCausalLM (fp32, eager attention) on the same weig
 layout the port of Meta's model.py in tests/oracles (which test_oracles.py ties to transformers).
 Weights have std 1/sqrt(fan_in) so that a wrong q/k layout moves logits by O(1), not O(0.01).
 
-Tolerance 1e-4 max abs: logits here are O(1..10) and both sides compute in fp32; the observed gap is
-~1e-5 (different summation orders), while the layout bugs these tests exist for move logits by >0.5.
+Tolerance 1e-4 max abs: logits here are O(1..10) and both sides compute in fp32, so different
+summation orders stay well inside it, while the layout bugs these tests exist for move logits by O(1)
+(test_wrong_rotary_layout_is_caught checks that they do).
 """
 
 from __future__ import annotations

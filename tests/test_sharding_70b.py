@@ -2,10 +2,11 @@
 split so that no device holds more than 1/M of it, norms are replicated, and each device's slice of the
 k/v projections is made of whole KV heads.
 
-Checked with abstract shapes only: the sharding rules of jora_model/sharding.py on a real mesh of M
-virtual CPU devices (a subprocess: XLA reads the device count at start-up), JAX's own
-`devices_indices_map` for what each device holds, and `jax.eval_shape` of a sharded identity for the
-placement jit would give; nothing of 70B is allocated.
+Checked with abstract shapes only: the sharding rules (jora_model/parallel/sharding.py, over the axes
+the name table jora_model/formats/names.py gives) on a real mesh of M virtual CPU devices (a
+subprocess: XLA reads the device count at start-up), JAX's own `devices_indices_map` for what each
+device holds, and `jax.eval_shape` of a sharded identity for the placement jit would give; nothing of
+70B is allocated.
 """
 
 from __future__ import annotations

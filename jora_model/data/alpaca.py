@@ -81,7 +81,7 @@ def tokenize_record(tokenizer: Tokenizer, record: dict[str, str], example_id: in
     prompt_ids = tokenizer.encode_array(render_prompt(instruction, context, template))
     full_prompt_len = len(prompt_ids)
     cut_fields: list[str] = []
-    # Each pass removes at least the measured excess from the field being cut; re-encoding the whole
+    # Each pass removes at least the excess (in tokens) from the field being cut; re-encoding the whole
     # prompt catches the piece merges that can shift the count by a token at the cut.
     while len(prompt_ids) > budget:
         excess = len(prompt_ids) - budget
@@ -165,9 +165,10 @@ class AlpacaConfig:
 
 
 def generate_alpaca_dataset(path: str | Path, split: str, config: Any) -> list[dict[str, Any]]:
-    """The seed library's entry point (config: an AlpacaConfig or the seed's ParallamaConfig): the examples of `split` ('train', or 'test'/'val') exactly as the
-    tokenize stage writes them, in record order, each a dict with example_id, input_ids, loss_mask.
-    Bad records raise; examples too long to keep are left out."""
+    """The seed library's entry point (config: an AlpacaConfig or the seed's ParallamaConfig): the
+    examples of `split` ('train', or 'test'/'val') exactly as the tokenize stage writes them, in record
+    order, each a dict with example_id, input_ids, loss_mask. Bad records raise; examples too long to
+    keep are left out."""
     if split not in ("train", "test", "val"):
         raise JoraError(f"split must be 'train' or 'test', got {split!r}")
     if hasattr(config, "JAX_PARAMS_PATH"):  # the seed's ParallamaConfig

@@ -26,7 +26,7 @@ from jora_model.errors import JoraError
 # A word: the spaces before it and everything up to the next space; or trailing spaces. "▁" (U+2581) is
 # what SentencePiece turns spaces into, so a literal one in the text acts as a space too.
 _WORDS = re.compile("[ \u2581]*[^ \u2581]+|[ \u2581]+")
-_CACHE_LIMIT = 1 << 18  # words kept per process (some tens of MB); cleared when full
+_CACHE_LIMIT = 1 << 18  # words kept per process, so the cache's memory stays bounded; cleared when full
 
 
 def resolve_tokenizer(path: str | Path) -> Path:

@@ -10,17 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from jora_model.model.config import LlamaConfig
 from jora_model.errors import JoraError
-from jora_model.model.lora import LoraSettings, target_specs
+from jora_model.formats.names import LORA_LEAVES, TABLE
 from jora_model.formats.safetensors_io import SafetensorsFile, save_file
+from jora_model.model.config import LlamaConfig
+from jora_model.model.lora import LoraSettings, target_specs
 
 WEIGHTS = "adapter.safetensors"
 SETTINGS = "adapter.json"
-
-
-def _module_to_key(module: str) -> str:
-    return module.removeprefix("layers/").replace("/", ".")  # layers/attention/q_proj -> attention.q_proj
 
 
 def save_adapter(directory: Path, lora_params: dict[str, dict[str, Any]], lora: LoraSettings,
@@ -29,11 +26,11 @@ def save_adapter(directory: Path, lora_params: dict[str, dict[str, Any]], lora: 
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     for module, leaves in sorted(lora_params.items()):
-        key = _module_to_key(module)
-        for name in ("lora_a", "lora_b"):
+        kind = TABLE.by_module(module)
+        for name in LORA_LEAVES:
             stacked = np.asarray(leaves[name], np.float32)
             for layer in range(stacked.shape[0]):
-                tensors[f"layers.{layer}.{key}.{name}"] = stacked[layer]
+                tensors[kind.adapter_name(layer, name)] = stacked[layer]
     save_file(directory / WEIGHTS, tensors, {"format": "jora-adapter"})
     meta = {"format": "jora-adapter", "version": 1, "lora": lora.to_dict(), "base_config": config.to_dict(),
             "base_hash": base_hash, **(extra or {})}
@@ -70,12 +67,12 @@ def load_adapter(path: Path, config: LlamaConfig | None = None) -> tuple[dict, L
     params: dict[str, dict[str, np.ndarray]] = {}
     with SafetensorsFile(directory / WEIGHTS) as f:
         for module, (layers, fan_in, fan_out) in target_specs(config, lora):
-            key = _module_to_key(module)
+            kind = TABLE.by_module(module)
             leaves = {}
             for name, shape in (("lora_a", (fan_in, lora.r)), ("lora_b", (lora.r, fan_out))):
                 per_layer = []
                 for layer in range(layers):
-                    tensor_name = f"layers.{layer}.{key}.{name}"
+                    tensor_name = kind.adapter_name(layer, name)
                     if tensor_name not in f:
                         raise JoraError(f"adapter lacks {tensor_name}", directory / WEIGHTS)
                     value = f.read(tensor_name)

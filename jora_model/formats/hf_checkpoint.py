@@ -12,21 +12,12 @@ from typing import Iterator
 
 import numpy as np
 
-from jora_model.model.config import read_hf_config
 from jora_model.errors import JoraError
+from jora_model.formats.names import TABLE
 from jora_model.formats.safetensors_io import SafetensorsFile
+from jora_model.model.config import read_hf_config
 
-_LAYER_KEYS = {
-    "input_layernorm.weight": "attention_norm",
-    "self_attn.q_proj.weight": "attention.q_proj",
-    "self_attn.k_proj.weight": "attention.k_proj",
-    "self_attn.v_proj.weight": "attention.v_proj",
-    "self_attn.o_proj.weight": "attention.o_proj",
-    "post_attention_layernorm.weight": "ffn_norm",
-    "mlp.gate_proj.weight": "mlp.gate_proj",
-    "mlp.up_proj.weight": "mlp.up_proj",
-    "mlp.down_proj.weight": "mlp.down_proj",
-}
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -43,7 +34,7 @@ class HFCheckpoint:
         self.tokenizer = next((p for p in (self.src / "tokenizer.model", self.src / "tokenizer.json")
                                if p.is_file()), None)
         self._names = self._expected_names()
-        for hf_name, _ in self._names:
+        for hf_name, _, _ in self._names:
             if hf_name not in self.weight_map:
                 raise JoraError(f"tensor {hf_name} not found in the checkpoint", self.src)
 
@@ -67,22 +58,21 @@ class HFCheckpoint:
                             "(re-save with save_pretrained(safe_serialization=True))", self.src)
         raise JoraError(f"no {SINGLE_NAME} or {INDEX_NAME} found", self.src)
 
-    def _expected_names(self) -> list[tuple[str, str]]:
-        names = [("model.embed_tokens.weight", "embed")]
-        for i in range(self.config.n_layers):
-            names += [(f"model.layers.{i}.{k}", f"layers.{i}.{v}") for k, v in _LAYER_KEYS.items()]
-        names.append(("model.norm.weight", "final_norm"))
-        head = "lm_head.weight"
-        if head not in self.weight_map and self.tied:
-            head = "model.embed_tokens.weight"  # tied head: the embedding, read a second time
-        names.append((head, "lm_head"))
+    def _expected_names(self) -> list[tuple[str, str, bool]]:
+        """(HF name, store name, whether HF holds it transposed) of every tensor, in checkpoint order."""
+        names = []
+        for kind, layer in TABLE.order(self.config.n_layers):
+            hf_name = kind.hf_name(layer)
+            if kind.store == "lm_head" and hf_name not in self.weight_map and self.tied:
+                hf_name = TABLE.by_store("embed")[0].hf_name()  # tied head: the embedding, read a second time
+            names.append((hf_name, kind.store_name(layer), kind.transposed))
         return names
 
     def tensor_count(self) -> int:
         return len(self._names)
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray, Path]]:
-        for hf_name, store_name in self._names:
+        for hf_name, store_name, transposed in self._names:
             path = self.src / self.weight_map[hf_name]
             # Open per tensor and hand out a view of the mapping: the writer copies it block by block
             # straight to the store, and the mapping (with its resident pages) goes with the file.
@@ -90,7 +80,7 @@ class HFCheckpoint:
                 if hf_name not in f:
                     raise JoraError(f"tensor {hf_name} not found", path)
                 array = f.view(hf_name)
-                if array.ndim == 2 and store_name != "embed":
+                if array.ndim == 2 and transposed:
                     array = array.T  # [out, in] -> [in, out]
                 yield store_name, array, path
                 del array

@@ -17,33 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from jora_model.model.config import LlamaConfig
 from jora_model.errors import JoraError
 from jora_model.formats.layout import store_tensors
+from jora_model.formats.names import LORA_LEAVES, TABLE
 from jora_model.formats.safetensors_io import PlannedWriter, plan_shards
 from jora_model.formats.store import Store, store_dtype
+from jora_model.model.config import LlamaConfig
 
-_LAYER_NAMES = {
-    "attention_norm": "input_layernorm.weight",
-    "attention.q_proj": "self_attn.q_proj.weight",
-    "attention.k_proj": "self_attn.k_proj.weight",
-    "attention.v_proj": "self_attn.v_proj.weight",
-    "attention.o_proj": "self_attn.o_proj.weight",
-    "ffn_norm": "post_attention_layernorm.weight",
-    "mlp.gate_proj": "mlp.gate_proj.weight",
-    "mlp.up_proj": "mlp.up_proj.weight",
-    "mlp.down_proj": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 TOKENIZER_CHECKS = ["Hello world", "  two  spaces\tand a tab", " leading space", "héllo wörld € 搬送 🔋",
                     "literal </s> and <s> stay text", "### Response:\nok", "a\n\nb", "digits 12345", ""]
-
-
-def hf_name(store_name: str) -> str:
-    if store_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[store_name]
-    _, layer, rest = store_name.split(".", 2)
-    return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
 
 
 def hf_config(config: LlamaConfig, dtype: str) -> dict[str, Any]:
@@ -66,9 +48,9 @@ def export_weights(store: Store, out_dir: Path, dtype: str, max_shard_bytes: int
     default to the store's own. Returns the total bytes written."""
     target = store_dtype(dtype)
     entries = []
-    for name, shape in store_tensors(store.config):
-        hf_shape = shape if name == "embed" or len(shape) == 1 else shape[::-1]
-        entries.append((hf_name(name), target, hf_shape))
+    for kind, layer in TABLE.order(store.config.n_layers):
+        shape = kind.shape(store.config)
+        entries.append((kind.hf_name(layer), target, shape[::-1] if kind.transposed else shape))
     shards = plan_shards(entries, max_shard_bytes)
     writers: dict[str, PlannedWriter] = {}
     weight_map: dict[str, str] = {}
@@ -79,9 +61,10 @@ def export_weights(store: Store, out_dir: Path, dtype: str, max_shard_bytes: int
             writers[name], weight_map[name] = writer, file_name
     source = tensors if tensors is not None else ((n, store.read(n)) for n, _ in store_tensors(store.config))
     for name, array in source:
-        if array.ndim == 2 and name != "embed":
+        kind, layer = TABLE.by_store(name)
+        if array.ndim == 2 and kind.transposed:
             array = array.T  # [in, out] -> transformers' [out, in]
-        writers[hf_name(name)].write(hf_name(name), array)
+        writers[kind.hf_name(layer)].write(kind.hf_name(layer), array)
     for writer in set(writers.values()):
         writer.close()
     total = sum(target.itemsize * int(np.prod(shape)) for _, _, shape in entries)
@@ -160,9 +143,6 @@ def write_hf_directory(store_path: Path, out_dir: Path, dtype: str = "bf16",
         store.close()
 
 
-PEFT_PREFIX = "base_model.model.model.layers"
-
-
 def write_peft_adapter(adapter_path: Path, config: LlamaConfig, out_dir: Path, base_name: str = "") -> dict[str, Any]:
     """adapter_model.safetensors with PEFT's key names and [r, in] / [out, r] layouts, and
     adapter_config.json with r, lora_alpha, target_modules and use_rslora."""
@@ -172,12 +152,10 @@ def write_peft_adapter(adapter_path: Path, config: LlamaConfig, out_dir: Path, b
     params, lora, _ = load_adapter(adapter_path, config)
     tensors: dict[str, np.ndarray] = {}
     for module, leaves in sorted(params.items()):
-        block, name = module.removeprefix("layers/").split("/")
-        hf_block = "self_attn" if block == "attention" else "mlp"
+        kind = TABLE.by_module(module)
         for layer in range(config.n_layers):
-            prefix = f"{PEFT_PREFIX}.{layer}.{hf_block}.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(leaves["lora_a"][layer].T)
-            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(leaves["lora_b"][layer].T)
+            for leaf in LORA_LEAVES:  # PEFT keeps both factors as torch Linear weights: [out, in]
+                tensors[kind.peft_name(layer, leaf)] = np.ascontiguousarray(leaves[leaf][layer].T)
     save_file(out_dir / "adapter_model.safetensors", tensors, {"format": "pt"})
     (out_dir / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,

@@ -15,6 +15,7 @@ import numpy as np
 
 from jora_model.formats.adapter import load_adapter
 from jora_model.formats.layout import store_tensors
+from jora_model.formats.names import TABLE
 from jora_model.formats.store import Store, StoreWriter
 
 
@@ -23,9 +24,9 @@ def merged_tensors(store: Store, adapter_path: Path) -> Iterator[tuple[str, np.n
     lora_params, lora, _ = load_adapter(adapter_path, store.config)
     updates: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
     for module, leaves in lora_params.items():
-        suffix = module.removeprefix("layers/").replace("/", ".")
+        kind = TABLE.by_module(module)
         for layer in range(store.config.n_layers):
-            updates[f"layers.{layer}.{suffix}"] = (leaves["lora_a"], leaves["lora_b"], layer)
+            updates[kind.store_name(layer)] = (leaves["lora_a"], leaves["lora_b"], layer)
     for name, _ in store_tensors(store.config):
         weight = store.read(name)
         if name in updates:

@@ -1,9 +1,8 @@
 """Meta's original Llama checkpoint (params.json, tokenizer.model, consolidated.NN.pth), read tensor
 by tensor and merged across model-parallel shards the way Meta's model.py split them.
 
-Split dims (fairscale layers in Meta's model.py): the embedding is a ParallelEmbedding split on the
-embedding dim (dim 1); wq, wk, wv, w1, w3 and output are ColumnParallelLinear (dim 0 of [out, in]);
-wo and w2 are RowParallelLinear (dim 1); norms are replicated; rope.freqs is unused.
+Names, split dims (fairscale's layers in Meta's model.py) and which rows are rotary come from the
+name table (names.py); rope.freqs is unused.
 """
 
 from __future__ import annotations
@@ -14,29 +13,11 @@ from typing import Iterator
 
 import numpy as np
 
-from jora_model.model.config import read_meta_params
 from jora_model.errors import JoraError
+from jora_model.formats.names import TABLE, TensorKind
+from jora_model.model.config import read_meta_params
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
-
-# Meta name (per layer unless global) -> (our store suffix, split dim in [out, in], permute for rotary)
-_LAYER_KEYS = {
-    "attention_norm.weight": ("attention_norm", None, False),
-    "attention.wq.weight": ("attention.q_proj", 0, True),
-    "attention.wk.weight": ("attention.k_proj", 0, True),
-    "attention.wv.weight": ("attention.v_proj", 0, False),
-    "attention.wo.weight": ("attention.o_proj", 1, False),
-    "ffn_norm.weight": ("ffn_norm", None, False),
-    "feed_forward.w1.weight": ("mlp.gate_proj", 0, False),
-    "feed_forward.w3.weight": ("mlp.up_proj", 0, False),
-    "feed_forward.w2.weight": ("mlp.down_proj", 1, False),
-}
-_GLOBAL_KEYS = {
-    "tok_embeddings.weight": ("embed", 1, False),
-    "norm.weight": ("final_norm", None, False),
-    "output.weight": ("lm_head", 0, False),
-}
-
 
 def interleaved_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Reorder the output rows of a Meta wq/wk ([heads * E, in]) from interleaved rotary pairs
@@ -145,24 +126,20 @@ class MetaCheckpoint:
         return int(embedding.shape[0]), int(embedding.shape[1])
 
     def tensor_count(self) -> int:
-        return len(_GLOBAL_KEYS) + len(_LAYER_KEYS) * self.config.n_layers
+        return len(TABLE.order(self.config.n_layers))
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray, Path]]:
         """(store name, [in, out] array in the checkpoint's dtype, file it came from), one at a time.
 
         The shards are reopened for each layer so the pages of tensors already converted are dropped
         with their mapping: resident memory stays near one layer, not the whole checkpoint."""
-        groups: list[list[tuple[str, str, int | None, bool]]] = [
-            [("tok_embeddings.weight", *_GLOBAL_KEYS["tok_embeddings.weight"])]]
-        for i in range(self.config.n_layers):
-            groups.append([(f"layers.{i}.{k}", f"layers.{i}.{s}", d, p) for k, (s, d, p) in _LAYER_KEYS.items()])
-        groups.append([(k, *_GLOBAL_KEYS[k]) for k in ("norm.weight", "output.weight")])
-        for group in groups:
+        for group in TABLE.groups(self.config.n_layers):
             states = [_load_shard(path) for path in self.shards]
-            for meta_name, store_name, split_dim, permute in group:
-                merged = self._merge(states, meta_name, split_dim, permute)
+            for kind, layer in group:
+                meta_name = kind.meta_name(layer)
+                merged = self._merge(states, meta_name, kind)
                 # Meta's linear weights are [out, in]; the store keeps [in, out]. The embedding stays [V, D].
-                yield store_name, (merged.T if merged.ndim == 2 and store_name != "embed" else merged), \
+                yield kind.store_name(layer), (merged.T if merged.ndim == 2 and kind.transposed else merged), \
                     self._source(meta_name)
             del states
 
@@ -170,7 +147,7 @@ class MetaCheckpoint:
         where = self.shards[0] if len(self.shards) == 1 else self.src / "consolidated.*.pth"
         return f"{where} ({meta_name})"
 
-    def _merge(self, states: list[dict], name: str, split_dim: int | None, permute: bool) -> np.ndarray:
+    def _merge(self, states: list[dict], name: str, kind: TensorKind) -> np.ndarray:
         pieces = []
         for path, state in zip(self.shards, states):
             if name not in state:
@@ -180,12 +157,12 @@ class MetaCheckpoint:
             if piece.shape != pieces[0].shape:
                 raise JoraError(f"{name} has shape {piece.shape} here but {pieces[0].shape} in "
                                 f"{self.shards[0].name}", path)
-        if split_dim is None:
+        if kind.meta_split is None:
             merged = pieces[0]
         else:
-            merged = np.concatenate(pieces, axis=split_dim) if len(pieces) > 1 else pieces[0]
-        if permute:
-            heads = self.config.n_heads if ".wq." in name else self.config.n_kv_heads
+            merged = np.concatenate(pieces, axis=kind.meta_split) if len(pieces) > 1 else pieces[0]
+        if kind.rotary_heads is not None:
+            heads = getattr(self.config, kind.rotary_heads)
             if merged.ndim != 2 or merged.shape[0] % (heads * 2):
                 raise JoraError(f"{name} has shape {merged.shape}, not {heads} heads of even width",
                                 self._source(name))

@@ -2,7 +2,7 @@
 
 `store.json` holds the model settings, the stored dtype, the tokenizer file's name and which file
 holds each tensor. Tensors are per layer (`layers.0.attention.q_proj`), matrices [in, out], rotary in
-the rotate-half convention (layout.py). Writing streams tensor by tensor; reading maps the files and
+the rotate-half convention (names.py, layout.py). Writing streams tensor by tensor; reading maps the files and
 copies only the slice a device owns, so a 70B store never has to fit in host RAM at once.
 """
 
@@ -151,11 +151,11 @@ ShardingFor = Callable[[str, tuple[int, ...]], Any]  # (param path, shape) -> ja
 
 
 def load_params(store: Store, sharding_for: ShardingFor | None = None,
-                bits: bool = False) -> dict[str, dict[str, Any]]:
+                step_dtype: Callable[[np.dtype, bool], np.dtype] | None = None) -> dict[str, dict[str, Any]]:
     """The Haiku parameter tree, each leaf placed by `sharding_for(path, shape)` (default: the first
     device). Every device receives only the slice its sharding gives it, read straight from the files.
-    bits: the stacked layer weights in bf16 arrive as their uint16 bit patterns (llama.as_bits), the
-    form the train step slices without copying; reinterpreting them on the host costs nothing."""
+    step_dtype(stored dtype, stacked): the dtype of the same bytes that the train step takes a tensor
+    in (the kernel set's `frozen_dtype`); reinterpreting them on the host costs nothing."""
     import jax
 
     if sharding_for is None:
@@ -166,7 +166,7 @@ def load_params(store: Store, sharding_for: ShardingFor | None = None,
         sharding = sharding_for(spec.path, spec.shape)
         def read(index, spec=spec):
             data = store.read_param(spec, index)
-            return data.view(spec.step_dtype(data.dtype)) if bits else data
+            return data.view(step_dtype(data.dtype, spec.stacked)) if step_dtype else data
 
         array = jax.make_array_from_callback(spec.shape, sharding, read)
         params.setdefault(spec.module, {})[spec.name] = array

@@ -135,8 +135,8 @@ def initialize(settings: DistributedSettings = DistributedSettings()) -> Team:
     """Start JAX's distributed runtime when this run has several processes; returns the team.
 
     With --coordinator etc. that run is described exactly; without, JAX's cluster detection is tried
-    only when SLURM or Open MPI variables say there are several tasks; otherwise this is a single
-    process exactly as before and nothing is started. Must run before anything queries a device."""
+    only when SLURM or Open MPI variables say there are several tasks; otherwise the run is this one
+    process and nothing is started. Must run before anything queries a device."""
     if _state["team"] is not None:  # already started in this process (the flow, then its train task)
         return _state["team"]
     detected = None if settings.explicit else cluster_detected()

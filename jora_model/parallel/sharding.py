@@ -1,4 +1,4 @@
-"""Sharding, declared in one place: parameter names -> logical axes -> mesh axes.
+"""Sharding: parameter names -> logical axes (the name table, formats/names.py) -> mesh axes (here).
 
 The mesh has two axes: `data` (batches are split over it) and `model` (the frozen base is
 tensor-sharded over it: attention heads, MLP hidden units, vocabulary). LoRA's A and B follow their
@@ -9,31 +9,30 @@ A parameter no rule matches is an error, never a silent replica.
 from __future__ import annotations
 
 import dataclasses
-import re
+import functools
 from typing import Any, Sequence
 
-from jora_model.model.config import LlamaConfig
 from jora_model.errors import JoraError
+from jora_model.formats.names import LORA_LEAVES, RANK_AXIS, TABLE
+from jora_model.model.config import LlamaConfig
 
-# (regex over "module/param", logical axes of each dimension)
-PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (r"^embed/embeddings$", ("vocab", "embed")),
-    (r"^layers/(attention|ffn)_norm/scale$", ("layers", "embed")),
-    (r"^layers/attention/[qkv]_proj/w$", ("layers", "embed", "heads")),
-    (r"^layers/attention/[qkv]_proj/lora_a$", ("layers", "embed", "rank")),
-    (r"^layers/attention/[qkv]_proj/lora_b$", ("layers", "rank", "heads")),
-    (r"^layers/attention/o_proj/w$", ("layers", "heads", "embed")),
-    (r"^layers/attention/o_proj/lora_a$", ("layers", "heads", "rank")),
-    (r"^layers/attention/o_proj/lora_b$", ("layers", "rank", "embed")),
-    (r"^layers/mlp/(gate|up)_proj/w$", ("layers", "embed", "mlp")),
-    (r"^layers/mlp/(gate|up)_proj/lora_a$", ("layers", "embed", "rank")),
-    (r"^layers/mlp/(gate|up)_proj/lora_b$", ("layers", "rank", "mlp")),
-    (r"^layers/mlp/down_proj/w$", ("layers", "mlp", "embed")),
-    (r"^layers/mlp/down_proj/lora_a$", ("layers", "mlp", "rank")),
-    (r"^layers/mlp/down_proj/lora_b$", ("layers", "rank", "embed")),
-    (r"^final_norm/scale$", ("embed",)),
-    (r"^lm_head/w$", ("embed", "vocab")),
-)
+
+@functools.cache
+def param_rules() -> dict[str, tuple[str, ...]]:
+    """The logical axes of every parameter the model can have, by "module/param" path. A base weight's
+    axes come from the name table; LoRA's A and B on a linear layer take the axis of the base weight
+    dimension each shares with it (A the input, B the output), and the rank is replicated."""
+    lora_a, lora_b = LORA_LEAVES
+    rules: dict[str, tuple[str, ...]] = {}
+    for kind in TABLE.kinds:
+        axes = kind.stacked_axes
+        rules[kind.path] = axes
+        if kind.lora:
+            *stack, fan_in, fan_out = axes
+            rules[f"{kind.module}/{lora_a}"] = (*stack, fan_in, RANK_AXIS)
+            rules[f"{kind.module}/{lora_b}"] = (*stack, RANK_AXIS, fan_out)
+    return rules
+
 
 # logical axis -> mesh axis (None: replicated)
 LOGICAL_TO_MESH: dict[str, str | None] = {
@@ -45,10 +44,10 @@ BATCH_AXES = ("accum", "batch", "seq")  # [micro-batches, rows, tokens]
 
 
 def logical_axes(path: str) -> tuple[str, ...]:
-    for pattern, axes in PARAM_RULES:
-        if re.match(pattern, path):
-            return axes
-    raise JoraError(f"no sharding rule for parameter {path!r}")
+    try:
+        return param_rules()[path]
+    except KeyError:
+        raise JoraError(f"no sharding rule for parameter {path!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
