@@ -74,7 +74,7 @@ CHILD = textwrap.dedent("""
     out = {"argument": memory.argument_size_in_bytes, "temp": memory.temp_size_in_bytes,
            "output": memory.output_size_in_bytes, "alias": memory.alias_size_in_bytes}
     if run_steps:
-        params = random_frozen(config, mesh, "bfloat16")
+        params = random_frozen(config, mesh, "bfloat16", step_dtype=fns.frozen_dtype)
         st = fns.init(jax.device_put(init_lora_params(config, lora, 0), fns.state_shardings.lora))
         rng = np.random.default_rng(0)
         data = jax.device_put({"input_ids": rng.integers(0, config.vocab_size, shape3, dtype=np.int32),

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jora_model.model import attention
-from jora_model.model import llama
+import jora_model.backends.cpu as cpu_kernels
+from jora_model.backends.cpu import attention
+from jora_model.backends.cpu import linear as cpu_linear
+from jora_model.model import llama, norm_act
 from jora_model.training import loss
-from jora_model.model import norm_act
 from jora_model.model.lora import LoraSettings, init_lora_params, merge_params
 from jora_model.formats.store import Store, load_params
 from jora_model.training.step import OptimizerSettings, make_step_functions
@@ -45,14 +46,14 @@ def test_custom_matmul_backward_equals_autodiff_in_fp32():
     def loss(matmul):
         return lambda x, w: jnp.sum(jnp.sin(matmul(x, w)) * probe)
 
-    ours = jax.grad(loss(llama._matmul), argnums=(0, 1))(x, w)
+    ours = jax.grad(loss(cpu_linear.matmul), argnums=(0, 1))(x, w)
     plain = jax.grad(loss(lambda x, w: jnp.matmul(x, w)), argnums=(0, 1))(x, w)
     for a, b in zip(ours, plain):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_lora_update_backward_equals_autodiff_in_fp32():
-    """The adapter path's hand-ordered backward (dA as (g^T h)^T, llama.lora_update) against autodiff of
+    """The adapter path's hand-ordered backward (dA as (g^T h)^T, cpu_linear.lora_update) against autodiff of
     (h @ a) @ b: the same sums in another order, so equal to fp32 rounding; with a leading batch axis
     and a rank that is not a multiple of anything."""
     rng = np.random.default_rng(1)
@@ -64,8 +65,8 @@ def test_lora_update_backward_equals_autodiff_in_fp32():
     def loss(update):
         return lambda h, a, b: jnp.sum(jnp.sin(update(h, a, b)) * probe)
 
-    np.testing.assert_allclose(llama.lora_update(h, a, b), (h @ a) @ b, rtol=1e-6, atol=1e-5)
-    ours = jax.jit(jax.grad(loss(llama.lora_update), argnums=(0, 1, 2)))(h, a, b)
+    np.testing.assert_allclose(cpu_linear.lora_update(h, a, b), (h @ a) @ b, rtol=1e-6, atol=1e-5)
+    ours = jax.jit(jax.grad(loss(cpu_linear.lora_update), argnums=(0, 1, 2)))(h, a, b)
     plain = jax.grad(loss(lambda h, a, b: (h @ a) @ b), argnums=(0, 1, 2))(h, a, b)
     for mine, reference in zip(ours, plain):
         assert mine.shape == reference.shape
@@ -157,7 +158,8 @@ def _step_dots(store, remat: str = "matmuls") -> tuple[list, dict]:
     frozen = _frozen(store, jnp.bfloat16)
     config = Store(store).config
     lora = LoraSettings(r=4, alpha=8, dropout=0.0)
-    model = llama.transformed(config, llama.ModelOptions("bfloat16", "bfloat16", remat=remat, lora=lora))
+    model = llama.transformed(config, llama.ModelOptions("bfloat16", "bfloat16", remat=remat, lora=lora,
+                                                                     kernels="cpu"))
     trainable = jax.tree.map(jnp.asarray, init_lora_params(config, lora, 0))
     tokens = jnp.zeros((1, 16), jnp.int32)
 
@@ -220,7 +222,9 @@ def test_remat_does_not_recompute_attention_forward(store, remat):
     assert key_lengths == [4, 8, 12, 16], key_lengths
 
 
-def test_fast_step_follows_the_fp32_reference_for_50_steps(store):
+@pytest.mark.parametrize("kernels", ["cpu", "portable"])
+def test_fast_step_follows_the_fp32_reference_for_50_steps(store, kernels):
+    """Both kernel sets' bf16 steps against one fp32 reference (the cpu set's)."""
     config = Store(store).config
     lora = LoraSettings(r=8, alpha=16, dropout=0.05)
     rng = np.random.default_rng(7)
@@ -232,9 +236,10 @@ def test_fast_step_follows_the_fp32_reference_for_50_steps(store):
         batches.append({"input_ids": jnp.asarray(ids), "loss_mask": jnp.asarray(mask),
                         "segment_ids": jnp.ones_like(jnp.asarray(ids))})
     curves = {}
-    for name, compute, dtype in (("fp32", "float32", jnp.float32), ("fast", "bfloat16", jnp.bfloat16)):
+    for name, compute, dtype, ops in (("fp32", "float32", jnp.float32, "cpu"),
+                                      ("fast", "bfloat16", jnp.bfloat16, kernels)):
         fns = make_step_functions(config, lora, OptimizerSettings(lr=1e-2, warmup_steps=5, total_steps=50),
-                                  compute, remat="matmuls", seed=0)
+                                  compute, remat="matmuls", seed=0, kernels=ops)
         frozen = _frozen(store, dtype)
         state = fns.init(init_lora_params(config, lora, 0))
         losses = []
@@ -249,11 +254,13 @@ def test_fast_step_follows_the_fp32_reference_for_50_steps(store):
     assert relative.max() > 0  # bf16 really was used: the curves are not the same arithmetic
 
 
-@pytest.mark.parametrize("budget", [1 << 22, 3 * 2 * 50])  # one chunk; 3-token chunks (a scan of 8)
-def test_chunked_head_loss_equals_the_full_logits_loss(monkeypatch, budget):
+@pytest.mark.parametrize("kernels,budget", [("cpu", 1 << 22), ("cpu", 3 * 2 * 50), ("portable", None)])
+def test_chunked_head_loss_equals_the_full_logits_loss(monkeypatch, kernels, budget):
     """head_nll (chunked, gradient computed in the forward pass) against the plain loss on full fp32
-    logits, with two packed segments, padding and a partial loss mask."""
-    monkeypatch.setattr(loss, "_LOGITS_PER_CHUNK", budget)
+    logits, with two packed segments, padding and a partial loss mask. The cpu set in one chunk and in
+    3-token chunks (a scan of 8); the portable set's token-sized chunks."""
+    if budget is not None:
+        monkeypatch.setattr(cpu_kernels, "LOGITS_PER_CHUNK", budget)
     rng = np.random.default_rng(2)
     b, t, d, vocab = 2, 24, 16, 50
     hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
@@ -261,16 +268,17 @@ def test_chunked_head_loss_equals_the_full_logits_loss(monkeypatch, budget):
     ids = jnp.asarray(rng.integers(0, vocab, size=(b, t)), jnp.int32)
     mask = jnp.asarray(rng.random((b, t)) < 0.7)
     segments = jnp.asarray([[1] * 10 + [2] * 10 + [0] * 4, [1] * 24])
-    assert loss.chunk_length(b, t, vocab) == (24 if budget > 1e6 else 3)
+    if budget is not None:
+        assert cpu_kernels.loss_chunk(b, t, vocab) == (24 if budget > 1e6 else 3)
 
     def plain(hidden):
         return loss.token_losses(hidden @ w, ids, mask, segments)[0]
 
     def chunked(hidden):
-        return loss.losses_from_hidden(hidden, w, ids, mask, segments)[0]
+        return loss.losses_from_hidden(hidden, w, ids, mask, segments, kernels)[0]
 
     np.testing.assert_allclose(chunked(hidden), plain(hidden), rtol=1e-6)
-    assert float(loss.losses_from_hidden(hidden, w, ids, mask, segments)[1]) == float(
+    assert float(loss.losses_from_hidden(hidden, w, ids, mask, segments, kernels)[1]) == float(
         loss.token_losses(hidden @ w, ids, mask, segments)[1]) > 0
     np.testing.assert_allclose(jax.grad(chunked)(hidden), jax.grad(plain)(hidden), rtol=1e-5, atol=1e-6)
     # under jit too, as the train step runs it

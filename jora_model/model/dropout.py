@@ -1,12 +1,12 @@
 """Dropout whose mask bits come from a keyed integer hash of each element's index.
 
-`jax.random.bernoulli` draws its bits with threefry, which XLA's CPU backend runs at about 12 ns per
-32-bit word: LoRA dropout on q and v took about 10% of a training step at `small`, twice over with a
-rematerialised layer (the backward pass redraws the mask). A mask needs neither a cryptographic
-generator nor a sequential one, only bits that look independent across elements, layers, targets
-and steps. So a jax.random key yields two 32-bit words (one threefry call on two words), and
-each element's bits are two keyed rounds of MurmurHash3's 32-bit finaliser over its flat index: a
-dozen integer ops that XLA fuses into the masking itself, about 30x faster than threefry here.
+`jax.random.bernoulli` draws its bits with threefry, which costs a sizeable share of a training step
+on a CPU, twice over with a rematerialised layer (the backward pass redraws the mask); figures in
+benchmarks/RESULTS.md. A mask needs neither a cryptographic generator nor a sequential one, only bits
+that look independent across elements, layers, targets and steps. So a jax.random key yields two
+32-bit words (one threefry call on two words), and each element's bits are two keyed rounds of
+MurmurHash3's 32-bit finaliser over its flat index: a dozen integer ops that XLA fuses into the
+masking itself, on any backend.
 The mask depends only on the key and the shape, not on dtype or sharding (the index is global), so
 a step's masks are the same in fp32 and bf16, on one device or a mesh, and across a resume.
 """

@@ -20,7 +20,6 @@ Rotary uses the rotate-half convention: feature i of a head pairs with feature i
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, NamedTuple
 
 import haiku as hk
@@ -28,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jora_model.model.attention import Visibility, attend
+from jora_model.backends import Kernels, check_kernels, kernels_for
+from jora_model.model.attention import Visibility
 from jora_model.model.config import LlamaConfig
 from jora_model.model.dropout import dropout
-from jora_model.backends.cpu.kept import keeper, remat_layer
 from jora_model.model.lora import LoraSettings
 from jora_model.model.norm_act import rms_norm, swiglu
-from jora_model.model.remat import check_policy
+from jora_model.model.remat import check_policy, keeps, remat_layer
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
@@ -44,44 +43,33 @@ class ModelOptions:
     # "none" (remat.py); the first two recompute the rest of the layer in the backward pass
     scan_unroll: int = 1  # decoder layers per scan iteration (1 = fully rolled)
     lora: LoraSettings | None = None  # adapters on the targeted linear layers
+    kernels: str = "auto"  # the backend kernel set (backends/): cpu, portable, or auto (from JAX's default backend)
 
     def __post_init__(self) -> None:
         check_policy(self.remat)
+        check_kernels(self.kernels)
 
-
-def as_bits(params: dict) -> dict:
-    """The stacked layer weights in bf16 as their uint16 bit patterns, for apply. XLA's CPU backend
-    upcasts a bf16 dynamic-slice to fp32, so slicing the stacked [L, ...] weights for the layer scan
-    made it convert every frozen weight to fp32 and back, every step (5-8% of a step at `small`);
-    slicing integers does not. `_get_parameter` turns them back into bf16, a free bitcast. Inside a
-    step the conversion itself still costs a copy of every stacked weight (XLA materialises it before
-    the loop), so callers that can hand the step its frozen weights as bits already
-    (`store.load_params(bits=True)`); this is then a no-op. Unstacked weights (embedding, head) stay
-    bf16: they are not sliced, and a bitcast there would cost the copy for nothing."""
-    return {module: {name: jax.lax.bitcast_convert_type(a, jnp.uint16)
-                     if module.startswith(STACK_NAME + "/") and a.dtype == jnp.bfloat16 else a
-                     for name, a in leaves.items()}
-            for module, leaves in params.items()}
-
-
-def from_bits(a: jax.Array) -> jax.Array:
-    """The bf16 array whose bit patterns `a` holds (as_bits' inverse); other arrays as they are."""
-    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
-
-
-def _get_parameter(name, shape, dtype, init):
-    return from_bits(hk.get_parameter(name, shape, dtype, init=init))
+    @property
+    def kernel_set(self) -> Kernels:
+        return kernels_for(self.kernels)
 
 
 STACK_NAME = "layers"  # the layer stack's module name: its parameters are [L, ...]
 
 
-class Linear(hk.Module):
-    """y = x @ w (no bias), plus the LoRA update when this layer is a LoRA target.
+def _weight(options: "ModelOptions", name, shape, dtype, init) -> jax.Array:
+    """A parameter as the model computes with it (the kernel set may hand the step its bit patterns)."""
+    return options.kernel_set.decode_weight(hk.get_parameter(name, shape, dtype, init=init))
 
-    The base matmul takes its operands in the compute dtype and accumulates in fp32, forward and
-    backward (see `_matmul`). The adapter's two thin matmuls run in fp32 from its fp32 weights, as
-    PEFT runs them: they cost r/out of the base matmul, and their gradients are the trained ones."""
+
+def _kept(options: "ModelOptions", *, projection: bool) -> Callable[[jax.Array], jax.Array]:
+    """What a decoder layer applies to a value its remat policy may keep (model/remat.py)."""
+    return options.kernel_set.keep if keeps(options.remat, projection=projection) else (lambda x: x)
+
+
+class Linear(hk.Module):
+    """y = x @ w (no bias): operands in the compute dtype, fp32 accumulation, forward and backward
+    (the kernel set's `matmul`)."""
 
     def __init__(self, out_features: int, options: ModelOptions, name: str, training: bool = False):
         super().__init__(name=name)
@@ -89,86 +77,45 @@ class Linear(hk.Module):
         self.options = options
         self.training = training
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+    def product(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out], fp32 or the compute dtype
         fan_in = x.shape[-1]
-        w = _get_parameter("w", [fan_in, self.out_features], jnp.dtype(self.options.param_dtype),
-                             init=hk.initializers.RandomNormal(stddev=fan_in ** -0.5))
+        w = _weight(self.options, "w", [fan_in, self.out_features], jnp.dtype(self.options.param_dtype),
+                    init=hk.initializers.RandomNormal(stddev=fan_in ** -0.5))
         cdt = jnp.dtype(self.options.compute_dtype)
-        x = x.astype(cdt)
-        y = _matmul(x, w.astype(cdt))
-        lora = self.options.lora
-        if lora is not None and self.module_name.rsplit("/", 1)[-1] in lora.targets:
-            bound = fan_in ** -0.5
-            a = hk.get_parameter("lora_a", [fan_in, lora.r], jnp.float32,
-                                 init=hk.initializers.RandomUniform(-bound, bound))
-            b = hk.get_parameter("lora_b", [lora.r, self.out_features], jnp.float32, init=jnp.zeros)
-            h = x.astype(jnp.float32)
-            if self.training and lora.dropout > 0:
-                h = dropout(hk.next_rng_key(), lora.dropout, h)
-            y = y + lora.scale * lora_update(h, a, b)
-        return y.astype(cdt)
+        return self.options.kernel_set.matmul(x.astype(cdt), w.astype(cdt))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        return self.product(x).astype(self.options.compute_dtype)
 
 
-@jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:  # [..., in] x [in, out] -> [..., out] fp32
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+class LoraLinear(Linear):
+    """A base Linear plus the LoRA update: y = x @ w + scale * ((dropout(x) @ A) @ B) (model/lora.py).
+
+    The adapter's two thin matmuls run in fp32 from its fp32 weights, as PEFT runs them: they cost r/out
+    of the base matmul, and their gradients are the trained ones. Its parameters sit beside the base
+    weight in the same module (`lora_a`, `lora_b`), so the base's names do not change."""
+
+    def __init__(self, out_features: int, options: ModelOptions, name: str, training: bool = False):
+        super().__init__(out_features, options, name, training)
+        self.lora = options.lora
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.product(x)
+        fan_in, lora = x.shape[-1], self.lora
+        bound = fan_in ** -0.5
+        a = hk.get_parameter("lora_a", [fan_in, lora.r], jnp.float32, init=hk.initializers.RandomUniform(-bound, bound))
+        b = hk.get_parameter("lora_b", [lora.r, self.out_features], jnp.float32, init=jnp.zeros)
+        h = x.astype(self.options.compute_dtype).astype(jnp.float32)
+        if self.training and lora.dropout > 0:
+            h = dropout(hk.next_rng_key(), lora.dropout, h)
+        y = y + lora.scale * self.options.kernel_set.lora_update(h, a, b)
+        return y.astype(self.options.compute_dtype)
 
 
-def _matmul_fwd(x, w):
-    return _matmul(x, w), (x, w)
-
-
-def _matmul_bwd(residuals, grad):
-    """The backward matmuls in the operands' dtype with fp32 accumulation, like the forward. Left to
-    autodiff, the fp32 cotangent of the fp32 output would promote the bf16 weight to fp32: every step
-    would convert the frozen weights and run the backward at fp32 speed (half the forward's on CPUs
-    with bf16 units, a quarter or less on GPUs)."""
-    x, w = residuals
-    grad = grad.astype(x.dtype)
-    dx = jnp.matmul(grad, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum("...i,...o->io", x, grad, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dx, dw
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def _dot(x: jax.Array, y: jax.Array, x_axis: int, y_axis: int) -> jax.Array:
-    """x and y contracted over one axis each, in fp32."""
-    return jax.lax.dot_general(x, y, (((x_axis,), (y_axis,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-@jax.custom_vjp
-def lora_update(h: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """(h @ a) @ b in fp32: h [..., in], a [in, r], b [r, out] -> [..., out]."""
-    return jnp.matmul(jnp.matmul(h, a, preferred_element_type=jnp.float32), b, preferred_element_type=jnp.float32)
-
-
-def _lora_update_fwd(h, a, b):
-    return lora_update(h, a, b), (h, a, b)
-
-
-def _lora_update_bwd(residuals, grad):
-    """Every product in a form XLA's CPU dots read without a transposed copy of a [tokens, in] operand.
-    A product that sums over tokens (dA, dB: both operands hold tokens on their major axis) gets its
-    left operand transposed by XLA; autodiff's dA = h^T g put h there (1.5 MiB copied per target and
-    layer at base110m). Here the thin [tokens, r] factor is on the left of both, and dA is computed
-    as dA^T = g^T h, [r, in]."""
-    h, a, b = residuals
-    n, fan_in = math.prod(h.shape[:-1]), h.shape[-1]
-    h2, g2 = h.reshape(n, fan_in), grad.reshape(n, grad.shape[-1]).astype(jnp.float32)
-    # h @ a (recomputed: r N in multiplications) and its gradient, [N, r], then both transposed in
-    # memory. The barriers keep XLA from folding the transposes into the products on either side
-    # (which then ran as plain dots, not YNNPACK's).
-    ha, g_ha = jax.lax.optimization_barrier((_dot(h2, a, 1, 0), _dot(g2, b, 1, 1)))
-    ha_t, g_ha_t = jax.lax.optimization_barrier((ha.T, g_ha.T))  # [r, N]
-    db = _dot(ha_t, g2, 1, 0)  # [r, out]
-    da = jax.lax.optimization_barrier(_dot(g_ha_t, h2, 1, 0)).T  # [in, r], computed as dA^T [r, in]
-    dh = _dot(g_ha, a, 1, 1).reshape(h.shape)  # [..., in]
-    return dh.astype(h.dtype), da, db
-
-
-lora_update.defvjp(_lora_update_fwd, _lora_update_bwd)
+def linear(out_features: int, options: ModelOptions, name: str, training: bool = False) -> Linear:
+    """The layer called `name`: a LoraLinear when the settings target it, else the plain Linear."""
+    targeted = options.lora is not None and name in options.lora.targets
+    return (LoraLinear if targeted else Linear)(out_features, options, name, training)
 
 
 class Embed(hk.Module):
@@ -177,7 +124,7 @@ class Embed(hk.Module):
         self.shape, self.options = (vocab_size, dim), options
 
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        table = _get_parameter("embeddings", self.shape, jnp.dtype(self.options.param_dtype),
+        table = _weight(self.options, "embeddings", self.shape, jnp.dtype(self.options.param_dtype),
                                  init=hk.initializers.RandomNormal(1.0))
         return jnp.take(table, tokens, axis=0).astype(self.options.compute_dtype)
 
@@ -189,7 +136,7 @@ class RMSNorm(hk.Module):
         self.options = options
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
-        scale = _get_parameter("scale", [x.shape[-1]], jnp.dtype(self.options.param_dtype), init=jnp.ones)
+        scale = _weight(self.options, "scale", [x.shape[-1]], jnp.dtype(self.options.param_dtype), init=jnp.ones)
         return rms_norm(x.astype(self.options.compute_dtype), scale, self.eps)
 
 
@@ -232,12 +179,12 @@ class Attention(hk.Module):
         c, o = self.c, self.o
         b, t, _ = x.shape
         e, k_heads, rep = c.head_dim, c.n_kv_heads, c.n_rep
-        q = Linear(c.n_heads * e, o, "q_proj", self.training)(x).reshape(b, t, c.n_heads, e)
-        k = Linear(k_heads * e, o, "k_proj", self.training)(x).reshape(b, t, k_heads, e)
-        v = Linear(k_heads * e, o, "v_proj", self.training)(x).reshape(b, t, k_heads, e)
+        q = linear(c.n_heads * e, o, "q_proj", self.training)(x).reshape(b, t, c.n_heads, e)
+        k = linear(k_heads * e, o, "k_proj", self.training)(x).reshape(b, t, k_heads, e)
+        v = linear(k_heads * e, o, "v_proj", self.training)(x).reshape(b, t, k_heads, e)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:  # training or scoring: what the backward pass reads (kept.py)
-            kept = keeper(o.remat, projection=True)
+        if cache is None:  # training or scoring: what the backward pass reads (model/remat.py)
+            kept = _kept(o, projection=True)
             q, k, v = kept(q), kept(k), kept(v)
         else:
             at = (0, cache_index, 0, 0)
@@ -245,8 +192,9 @@ class Attention(hk.Module):
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
         # Query head h = kv * rep + r reads KV head kv = h // rep: group queries instead of copying K/V.
         q = q.reshape(b, t, k_heads, rep, e)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), visibility, cache is None).reshape(b, t, c.n_heads * e)
-        out = Linear(c.dim, o, "o_proj", self.training)(out)
+        out = o.kernel_set.attention(q, k.astype(q.dtype), v.astype(q.dtype), visibility, cache is None)
+        out = out.reshape(b, t, c.n_heads * e)
+        out = linear(c.dim, o, "o_proj", self.training)(out)
         return out if cache is None else (out, (k, v))
 
 
@@ -257,20 +205,20 @@ class MLP(hk.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c, o = self.c, self.o
-        gate = Linear(c.ffn_dim, o, "gate_proj", self.training)(x)
-        up = Linear(c.ffn_dim, o, "up_proj", self.training)(x)
-        kept = keeper(o.remat, projection=True)
+        gate = linear(c.ffn_dim, o, "gate_proj", self.training)(x)
+        up = linear(c.ffn_dim, o, "up_proj", self.training)(x)
+        kept = _kept(o, projection=True)
         gate, up = kept(gate), kept(up)
-        return Linear(c.dim, o, "down_proj", self.training)(swiglu(gate, up))
+        return linear(c.dim, o, "down_proj", self.training)(swiglu(gate, up))
 
 
 def decoder_layer(config: LlamaConfig, options: ModelOptions, training: bool) -> Callable:
     def layer(x, visibility, cos, sin):
         attention = Attention(config, options, training)
-        x = keeper(options.remat, projection=False)(x)
+        x = _kept(options, projection=False)(x)
         h = x + attention(RMSNorm(config.norm_eps, options, "attention_norm")(x), visibility, cos, sin)
         # the residual stream after attention is o_proj's output plus x: kept with the projections
-        h = keeper(options.remat, projection=True)(h)
+        h = _kept(options, projection=True)(h)
         out = h + MLP(config, options, training)(RMSNorm(config.norm_eps, options, "ffn_norm")(h))
         return out, visibility, cos, sin
 
@@ -312,7 +260,7 @@ def cached_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array
     stack = hk.layer_stack(config.n_layers, with_per_layer_inputs=True, name=STACK_NAME)
     x, (k_all, v_all) = stack(layer)(x, (cache.k, cache.v))
     x = RMSNorm(config.norm_eps, options, "final_norm")(x)
-    return Linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32), KVCache(k_all, v_all)
+    return linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32), KVCache(k_all, v_all)
 
 
 def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
@@ -338,7 +286,7 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
     x = RMSNorm(config.norm_eps, options, "final_norm")(x)
     if hidden:
         return x
-    return Linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32)
+    return linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32)
 
 
 def transformed(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:

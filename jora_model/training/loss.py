@@ -12,13 +12,12 @@ Shapes: hidden [B, T, D]; w [D, V]; targets, weights [B, T].
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from jora_model.model.blocks import largest_divisor
-from jora_model.backends.cpu.reductions import shifted_exp
-
-_LOGITS_PER_CHUNK = 1 << 22  # fp32 logits of one chunk: 16 MiB (128 tokens at V = 32000)
+from jora_model.backends import kernels_for
 
 
 def next_token_targets(input_ids: jax.Array, loss_mask: jax.Array,
@@ -41,35 +40,25 @@ def token_losses(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
     return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weights), weights.sum()
 
 
-def chunk_length(batch: int, length: int, vocab: int) -> int:
-    """Tokens per chunk: the largest divisor of the row length whose logits fit the chunk budget."""
-    return largest_divisor(length, _LOGITS_PER_CHUNK // (batch * vocab))
-
-
-def _head_nll(hidden, w, targets, weights, with_grad: bool):
+def _head_nll(hidden, w, targets, weights, kernels: str, with_grad: bool):
     b, t, d = hidden.shape
     vocab = w.shape[1]
-    c = chunk_length(b, t, vocab)
+    ops = kernels_for(kernels)
+    c = ops.loss_chunk(b, t, vocab)
 
     def chunks(x):  # [B, T, ...] -> [T / c, B, c, ...]
         return x.reshape(b, t // c, c, *x.shape[2:]).swapaxes(0, 1)
 
     def body(carry, xs):
         total, w = carry
-        # dh = dlogits @ w^T reads both operands as they lie ([c, V] x [D, V], contracted on their
-        # minor axes, which YNNPACK's dots read natively). With w a loop invariant, XLA's CPU compiler
-        # split that product into a transpose of w, hoisted out of the loop (a transposed copy of the
-        # head every step), and a slower [c, V] x [V, D] product; computed as (w @ dlogits^T)^T it
-        # transposed every chunk's gradient instead. Carried behind a barrier, w no longer looks
-        # invariant and neither copy is made: the head's forward and backward took about 20% less
-        # time on the CPU (base110m, seq 512).
-        w = jax.lax.optimization_barrier(w)
+        # w is carried through the loop rather than closed over, so that a kernel set can hide it
+        # from loop-invariant code motion (the cpu set's head_in_loop says why)
+        w = ops.head_in_loop(w)
         h, target, weight = xs
         logits = jnp.matmul(h, w, preferred_element_type=jnp.float32)  # [B, c, V]
         # logsumexp by hand: its exponentials, exp(logits - max), are the softmax's numerators too,
-        # so the gradient below reuses them instead of a second exp over [c, V] (the head alone,
-        # forward and backward: 0.88x the time on one core, 0.93x on two, base110m)
-        top, shifted, sum_exp = shifted_exp(logits)
+        # so the gradient below reuses them instead of a second exp over [c, V]
+        top, shifted, sum_exp = ops.shifted_exp(logits)
         lse = top + jnp.log(sum_exp)
         picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
         total = total + jnp.sum((lse - picked) * weight)
@@ -78,6 +67,7 @@ def _head_nll(hidden, w, targets, weights, with_grad: bool):
         # d nll / d logits = softmax - one_hot(target), for the weighted tokens
         dlogits = (shifted * (weight / sum_exp)[..., None]
                    - jax.nn.one_hot(target, vocab, dtype=jnp.float32) * weight[..., None]).astype(h.dtype)
+        # dh = dlogits @ w^T, contracted on both operands' minor axes: read as they lie, no transpose
         dh = jax.lax.dot_general(dlogits, w, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         return (total, w), dh.astype(h.dtype)  # dh [B, c, D]
 
@@ -87,19 +77,20 @@ def _head_nll(hidden, w, targets, weights, with_grad: bool):
     return total, dh
 
 
-@jax.custom_vjp
-def head_nll(hidden: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def head_nll(hidden: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array,
+             kernels: str = "auto") -> jax.Array:
     """sum over tokens of weight * -log softmax(hidden @ w)[target], fp32; matmul operands in hidden's
     dtype with fp32 accumulation."""
-    return _head_nll(hidden, w.astype(hidden.dtype), targets, weights, with_grad=False)[0]
+    return _head_nll(hidden, w.astype(hidden.dtype), targets, weights, kernels, with_grad=False)[0]
 
 
-def _head_nll_fwd(hidden, w, targets, weights):
-    total, dh = _head_nll(hidden, w.astype(hidden.dtype), targets, weights, with_grad=True)
+def _head_nll_fwd(hidden, w, targets, weights, kernels):
+    total, dh = _head_nll(hidden, w.astype(hidden.dtype), targets, weights, kernels, with_grad=True)
     return total, dh
 
 
-def _head_nll_bwd(dh, grad):
+def _head_nll_bwd(kernels, dh, grad):
     return (dh * grad.astype(dh.dtype)).astype(dh.dtype), None, None, None
 
 
@@ -107,8 +98,8 @@ head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)
 
 
 def losses_from_hidden(hidden: jax.Array, w: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
-                       segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+                       segment_ids: jax.Array, kernels: str = "auto") -> tuple[jax.Array, jax.Array]:
     """(sum of next-token NLL over target tokens, number of target tokens), as token_losses gives
-    from the logits hidden @ w."""
+    from the logits hidden @ w; the head's chunks and row maxima are the kernel set's."""
     targets, weights = next_token_targets(input_ids, loss_mask, segment_ids)
-    return head_nll(hidden, w, targets, weights), weights.sum()
+    return head_nll(hidden, w, targets, weights, kernels), weights.sum()

@@ -27,6 +27,7 @@ from typing import Any
 
 from jora_model.model.blocks import largest_divisor
 from jora_model.model.config import LlamaConfig
+from jora_model.backends import resolve_kernels
 from jora_model.errors import JoraError
 from jora_model.formats.layout import param_specs
 from jora_model.model.lora import LoraSettings
@@ -62,7 +63,7 @@ class StepMemoryModel:
     qkv: int = 2 + 4  # [b,T,width] of q, k and v: bf16 and the fp32 rotary result
     mlp: int = 16  # [b,T,F_m]: gate, up and silu(gate) * up in bf16 (what swiglu's and down_proj's
     # backward read) and about 10 bytes of the MLP backward's fp32 and bf16 gradients; fitted to XLA's
-    # account at small and base110m once norm_act.py replaced autodiff's fp32 chain (was 26)
+    # account of the step (benchmarks/plan_vs_measured.py)
     scores_backward: int = 4 + 4 + 2 + 2  # [b,H_m,Tq,T] live in one layer's attention backward, which
     # recomputes them for one block of Tq queries at a time (attention.attend keeps no [T,T] residual):
     # fp32 probabilities and their gradient, bf16 probabilities and score gradient
@@ -70,17 +71,16 @@ class StepMemoryModel:
     # the sharded projections' partial results into the replicated residual stream (and its gradient);
     # five were live at the peak of one rebuilt layer's backward (small, model=8, T=4096)
     query_block: int | None = None  # Tq: the largest divisor of T not above this; None: the causal
-    # block length attention.block_length gives
+    # block length the kernel set's attention uses
     logits: int = 4 + 2  # [b,c,V_m] per chunk of c tokens: fp32 logits and their bf16 gradient (the
     # gradient's transpose, which the head's backward matmul reads, is made after the logits are dead)
     logits_chunk: int | None = None  # the head runs over chunks of c tokens, c the largest divisor of
-    # T with b c V at most this many logits; None: the train step's own, loss._LOGITS_PER_CHUNK
+    # T with b c V at most this many logits; None: the kernel set's own (Kernels.loss_chunk)
     layer_weight_copy: int = 0  # bytes per entry of the stacked layer matrices that a copy of them
-    # costs. XLA's CPU compiler copied every stacked matrix before the layer loop when the step
-    # converted them (to fp32, then to uint16 bits); the trainer now hands the step the bits as loaded
-    # (store.load_params(bits=True)), and the compiled step with remat holds no copy
+    # costs with remat: none, since the cpu set's step takes them as bit patterns already
+    # (backends/cpu/bits.py) and has nothing to convert before the layer loop
     layer_weight_copy_no_remat: int = 2  # the same without remat: XLA's CPU compiler still makes one
-    # (measured at `small`: a constant ~2 bytes per layer-matrix entry on top of the per-token terms)
+    # (a constant per layer-matrix entry on top of the per-token terms, fitted to XLA's account)
     head_copies_with_accum: int = 4  # bytes per lm_head entry when grad_accum > 1: an fp32 copy
     # hoisted out of the micro-batch loop
 
@@ -167,18 +167,26 @@ def _state_bytes(config: LlamaConfig, lora: LoraSettings, mesh: MeshShape) -> tu
     return total(state.lora, shardings.lora), total(state.opt_state, shardings.opt_state)
 
 
-def _step_blocks(step: StepMemoryModel, t: int) -> tuple[int, int]:
-    """(queries per attention block, logits per loss chunk): as the step model says, else what the
-    train step itself uses, so the estimate follows the step's constants when they are tuned."""
-    from jora_model.model.attention import block_length
-    from jora_model.training.loss import _LOGITS_PER_CHUNK
+def _step_blocks(step: StepMemoryModel, t: int, batch: int, vocab: int, kernels: str) -> tuple[int, int]:
+    """(queries per attention block, tokens per loss chunk): as the step model says, else what the
+    kernel set's train step itself uses, so the estimate follows the step's constants when they are
+    tuned. The portable set's attention (XLA's, or cuDNN's fused kernel) is counted as one block of
+    all T queries: the bound XLA's unfused form reaches."""
+    from jora_model.backends import kernels_for
+    from jora_model.backends.cpu.attention import block_length
 
-    queries = largest_divisor(t, step.query_block) if step.query_block is not None else block_length(t, causal=True)
-    return queries, step.logits_chunk if step.logits_chunk is not None else _LOGITS_PER_CHUNK
+    if step.query_block is not None:
+        queries = largest_divisor(t, step.query_block)
+    else:
+        queries = block_length(t, causal=True) if kernels == "cpu" else t
+    if step.logits_chunk is not None:
+        return queries, largest_divisor(t, max(1, step.logits_chunk // (batch * vocab)))
+    return queries, kernels_for(kernels, "cpu").loss_chunk(batch, t, vocab)
 
 
 def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: MeshShape,
-                     lora: LoraSettings, grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP) -> dict[str, int]:
+                     lora: LoraSettings, grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP,
+                     kernels: str = "cpu") -> dict[str, int]:
     """The named terms of the activation estimate, in bytes per device (see StepMemoryModel)."""
     b, t, d = batch_size // mesh.data, seq_len, config.dim
     e, m = config.head_dim, mesh.model
@@ -188,10 +196,9 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
     per_token = (d * step.hidden + sum(fan_in[name] for name in lora.targets) * step.dropout_input
                  + len(lora.targets) * lora.r * step.lora_mid + (h_m + 2 * k_m) * e * step.qkv + f_m * step.mlp)
     tokens = b * t
-    queries, logits_chunk = _step_blocks(step, t)
-    scores = b * h_m * queries * t
     # b and V as the step sees them: the whole batch and vocabulary
-    chunk = largest_divisor(t, max(1, logits_chunk // (batch_size * config.vocab_size)))
+    queries, chunk = _step_blocks(step, t, batch_size, config.vocab_size, kernels)
+    scores = b * h_m * queries * t
     return {
         "saved_layer_inputs": config.n_layers * tokens * d * step.saved_input,  # remat only
         "saved_attention": config.n_layers * tokens * h_m * (e * step.saved_attention + step.saved_statistics),
@@ -222,7 +229,10 @@ def plan_memory(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: Mes
                 remat: str = "matmuls", param_dtype: str = "bfloat16", device_memory: int | None = None,
                 grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP, kernels: str = "cpu") -> MemoryPlan:
     """The bytes per device of training `config` with `lora` at batch_size rows of seq_len tokens
-    (per micro-batch, over the whole data axis) on `mesh`; fits when device_memory is given."""
+    (per micro-batch, over the whole data axis) on `mesh`; fits when device_memory is given. `kernels`
+    is the set the step runs (resolved: cpu or portable); the step model was fitted to the cpu set's
+    step on XLA:CPU, and the portable set's plan uses the same terms with its own blocks."""
+    kernels = resolve_kernels(kernels, "cpu")
     if param_dtype not in _DTYPE_BYTES:
         raise JoraError(f"param dtype must be bfloat16 or float32, got {param_dtype!r}")
     for name, value in (("sequence length", seq_len), ("batch size", batch_size), ("grad_accum", grad_accum)):
@@ -235,12 +245,13 @@ def plan_memory(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh: Mes
     layer_matrices = sum(math.prod(shape) for path, shape in shards.items()
                          if path.startswith("layers/") and path.endswith("/w"))
     copy_bytes = step.layer_weight_copy if check_policy(remat) != "none" else step.layer_weight_copy_no_remat
-    copies = layer_matrices * copy_bytes * itemsize // 2  # measured with bf16 weights only
+    # a copy XLA's CPU compiler makes (fitted with bf16 weights); none for the portable set
+    copies = layer_matrices * copy_bytes * itemsize // 2 if kernels == "cpu" else 0
     lora_bytes, optimizer_bytes = _state_bytes(config, lora, mesh)
     rows = (batch_size // mesh.data) * grad_accum
     batch_bytes = rows * seq_len * (4 + 1 + 4)  # int32 ids, bool mask, int32 segment ids
     terms = activation_terms(config, seq_len=seq_len, batch_size=batch_size, mesh=mesh, lora=lora,
-                             grad_accum=grad_accum, step=step)
+                             grad_accum=grad_accum, step=step, kernels=kernels)
     by_remat = {policy: combine_activations(terms, config.n_layers, policy) for policy in POLICIES}
     activations = by_remat[remat]
     total = frozen + lora_bytes + optimizer_bytes + 2 * lora_bytes + batch_bytes + copies + activations
@@ -271,7 +282,8 @@ def candidate_meshes(config: LlamaConfig, devices: int, batch_size: int) -> list
 
 def meshes_that_fit(config: LlamaConfig, devices: int, *, seq_len: int, batch_size: int, lora: LoraSettings,
                     device_memory: int, remat: str = "matmuls", param_dtype: str = "bfloat16",
-                    grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP) -> list[MemoryPlan]:
+                    grad_accum: int = 1, step: StepMemoryModel = DEFAULT_STEP,
+                    kernels: str = "cpu") -> list[MemoryPlan]:
     """The meshes over all `devices` on which the step fits, best first. Best = the most data
     parallelism (each extra model shard adds all-reduces to every layer, while data shards run
     independently until the gradient sum, so throughput is highest with the fewest model shards);
@@ -279,6 +291,7 @@ def meshes_that_fit(config: LlamaConfig, devices: int, *, seq_len: int, batch_si
     if not isinstance(devices, int) or devices < 1:
         raise JoraError(f"device count must be a positive integer, got {devices!r}")
     plans = [plan_memory(config, seq_len=seq_len, batch_size=batch_size, mesh=mesh, lora=lora, remat=remat,
-                         param_dtype=param_dtype, device_memory=device_memory, grad_accum=grad_accum, step=step)
+                         param_dtype=param_dtype, device_memory=device_memory, grad_accum=grad_accum, step=step,
+                         kernels=kernels)
              for mesh in candidate_meshes(config, devices, batch_size)]
     return sorted((p for p in plans if p.fits), key=lambda p: (-p.mesh.data, p.total_bytes_per_device))

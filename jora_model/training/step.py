@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jora_model.backends import kernels_for, resolve_kernels
 from jora_model.model.config import LlamaConfig
+from jora_model.model.llama import ModelOptions, transformed
+from jora_model.model.lora import LoraSettings, merge_params, target_specs
 from jora_model.parallel import sharding
 from jora_model.training.compiled import AheadOfTime
-from jora_model.model.llama import ModelOptions, as_bits, transformed
 from jora_model.training.loss import losses_from_hidden
-from jora_model.model.lora import LoraSettings, merge_params, target_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,23 +71,34 @@ class StepFunctions:
     optimizer: optax.GradientTransformation
     abstract_state: Any = None  # shapes and dtypes of the TrainState (a checkpoint's template)
     state_shardings: Any = None  # a TrainState of shardings, when built for a mesh
+    kernels: str = "cpu"  # the backend kernel set the step runs (resolved: cpu or portable)
+    frozen_dtype: Callable | None = None  # (stored dtype, stacked) -> the dtype the step takes a frozen tensor in
+
+
+def mesh_platform(mesh: Any) -> str:
+    """The platform of the mesh's devices (JAX's default backend without a mesh)."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: OptimizerSettings,
                         compute_dtype: str = "bfloat16", remat: str = "matmuls", seed: int = 420,
                         mesh: Any = None, kernels: str = "auto") -> StepFunctions:
     """With a mesh, the state is placed by the sharding rules (sharding.state_shardings) and the step
-    keeps it there, donating the old buffers to the new state."""
-    options = ModelOptions(compute_dtype=compute_dtype, lora=lora, remat=remat)
+    keeps it there, donating the old buffers to the new state. `kernels` is resolved once, here, from
+    the mesh's platform."""
+    kernels = resolve_kernels(kernels, mesh_platform(mesh))
+    ops = kernels_for(kernels, mesh_platform(mesh))
+    options = ModelOptions(compute_dtype=compute_dtype, lora=lora, remat=remat, kernels=kernels)
     model = transformed(config, options)
     tx = make_optimizer(optimizer)
     lr_at = schedule(optimizer)
     base_key = jax.random.PRNGKey(seed)
 
     def losses(params, key, batch, training):
-        hidden = model.apply(as_bits(params), key, batch["input_ids"], batch["segment_ids"], None, training, True)
+        hidden = model.apply(ops.encode_frozen(params), key, batch["input_ids"], batch["segment_ids"], None,
+                             training, True)
         return losses_from_hidden(hidden, params["lm_head"]["w"], batch["input_ids"], batch["loss_mask"],
-                                  batch["segment_ids"])
+                                  batch["segment_ids"], kernels)
 
     def micro_loss(trainable, frozen, micro, key):
         return losses(merge_params(frozen, trainable), key, micro, True)
@@ -129,11 +141,13 @@ def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: Opti
         jit_kwargs["out_shardings"] = (state_shardings, None)
     return StepFunctions(
         init=jax.jit(init, out_shardings=state_shardings) if mesh is not None else jax.jit(init),
-        train_step=AheadOfTime(jax.jit(train_step, donate_argnums=(0,), **jit_kwargs)),
-        eval_step=AheadOfTime(jax.jit(eval_step)),
+        train_step=AheadOfTime(jax.jit(train_step, donate_argnums=(0,), **jit_kwargs), ops),
+        eval_step=AheadOfTime(jax.jit(eval_step), ops),
         optimizer=tx,
         abstract_state=abstract_state,
         state_shardings=state_shardings,
+        kernels=kernels,
+        frozen_dtype=ops.frozen_dtype,
     )
 
 
@@ -144,9 +158,9 @@ def abstract_arguments(config: LlamaConfig, fns: StepFunctions, mesh: Any, batch
     from jora_model.formats.layout import param_specs
 
     frozen: dict[str, dict[str, Any]] = {}
-    for spec in param_specs(config):  # in the dtypes the trainer loads them in (load_params(bits=True))
+    for spec in param_specs(config):  # in the dtypes the trainer loads them in (load_params(step_dtype=...))
         frozen.setdefault(spec.module, {})[spec.name] = jax.ShapeDtypeStruct(
-            spec.shape, spec.step_dtype(jnp.dtype(param_dtype)),
+            spec.shape, fns.frozen_dtype(jnp.dtype(param_dtype), spec.stacked),
             sharding=sharding.param_sharding(mesh, spec.path, spec.shape))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          fns.abstract_state, fns.state_shardings)

@@ -1,23 +1,20 @@
-"""How a rematerialised decoder layer keeps what its policy (remat.py) names.
+"""How the cpu kernels keep a value for a rematerialised layer: as its bit pattern.
 
-Kept values go through `keep`, which stores their bit pattern as unsigned integers under one
-checkpoint name. XLA's CPU compiler converts a bf16 stack that a loop slices to fp32 whole before
-the loop (a copy at twice the size), and does not do so for integers; the backward pass bitcasts the
-bits back, which is free. A bitcast to integers has no gradient, so `keep` is an identity with its
-own VJP that passes the gradient straight through.
+Kept values go through `keep`, which stores their bit pattern as unsigned integers under the remat
+policies' checkpoint name. XLA's CPU compiler converts a bf16 stack that a loop slices to fp32 whole
+before the loop (a copy at twice the size), and does not do so for integers; the backward pass
+bitcasts the bits back, which is free. A bitcast to integers has no gradient, so `keep` is an
+identity with its own VJP that passes the gradient straight through.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jora_model.model.remat import check_policy
+from jora_model.model.remat import KEPT_NAME
 
-KEPT_NAME = "kept"  # the checkpoint name of every value a policy keeps
 _UINT = {2: jnp.uint16, 4: jnp.uint32}
 
 
@@ -43,20 +40,3 @@ def _keep_bwd(_, grad):
 
 
 keep.defvjp(_keep_fwd, _keep_bwd)
-
-
-def keeper(policy: str, *, projection: bool) -> Callable[[jax.Array], jax.Array]:
-    """What the layer applies to a value it may keep: `keep` when the policy keeps it, else the
-    identity. projection: a matmul's output that only "matmuls" keeps (the layer's input and
-    attention's output are kept by both remat policies)."""
-    if policy == "matmuls" or (policy == "layer" and not projection):
-        return keep
-    return lambda x: x
-
-
-def remat_layer(layer: Callable, policy: str, remat: Callable) -> Callable:
-    """The layer under `remat` (jax.checkpoint or a framework's wrapper of it) with the policy's
-    saving rule; the layer itself unchanged for "none"."""
-    if check_policy(policy) == "none":
-        return layer
-    return remat(layer, policy=jax.checkpoint_policies.save_only_these_names(KEPT_NAME))

@@ -11,11 +11,12 @@ _TAIL = 16  # halving stops at this width (or at an odd one); a plain max finish
 def row_max(x: jax.Array) -> jax.Array:
     """jnp.max(x, axis=-1), as a tree of elementwise maxima over halves of the last axis.
 
-    XLA's CPU backend runs a max-reduction over the minor axis as a scalar loop (about 1.7 ns per
-    element here; its sums are vectorised), while an elementwise maximum of two halves is vectorised:
-    in isolation 3.5x faster on attention's [128, 512] score blocks and 7x on the loss head's
-    [128, 32000] logits. The result is the same, NaN included (both propagate it). Not for autodiff:
-    at ties the gradient would be routed differently from jnp.max's."""
+    XLA's CPU backend runs a max-reduction over the minor axis as a scalar loop (its sums are
+    vectorised), while an elementwise maximum of two halves is vectorised (benchmarks/RESULTS.md has
+    the figures). The result is the same, NaN included (both propagate it). Not for autodiff: at ties
+    the gradient would be routed differently from jnp.max's. Not for a sharded minor axis either: on a
+    vocabulary-sharded head each halving moves logit pieces between devices (the portable set's
+    jnp.max needs one small all-reduce)."""
     while x.shape[-1] % 2 == 0 and x.shape[-1] > _TAIL:
         half = x.shape[-1] // 2
         x = jnp.maximum(x[..., :half], x[..., half:])
