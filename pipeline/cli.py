@@ -12,8 +12,10 @@ from pathlib import Path
 import click
 
 from jora_model.errors import JoraError
-from jora_model.model.remat import POLICIES
+from jora_model.model.lora import LoraSettings
+from jora_model.training.bench import BenchSettings
 from stages.convert import convert_command
+from stages.options import option_for, settings_options
 from stages.tokenize import tokenize_command
 from stages.export import export_adapter_command, export_command
 from stages.merge import merge_command
@@ -205,31 +207,18 @@ def generate_command(model, adapter, prompt, context, data, limit, max_new_token
 
 
 @cli.command("bench")
-@click.option("--preset", default="small", show_default=True, help="tiny, small, base110m, 7B, 13B or 70B.")
-@click.option("--seq", type=click.IntRange(min=8), default=512, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="timed steps.")
-@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="untimed steps.")
-@click.option("--mesh", default="", help="e.g. data=2,model=4 [default: model=all devices].")
-@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--param-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--remat", type=click.Choice(POLICIES), default="matmuls", show_default=True)
-@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--targets", default="q_proj,v_proj", show_default=True)
-def bench_command(preset, seq, batch, grad_accum, steps, warmup, mesh, compute_dtype, param_dtype, remat, lora_r,
-                  targets) -> None:
+@settings_options(BenchSettings, "settings", exclude=("lora",))
+@option_for(LoraSettings, "r", dest="lora_r")
+@option_for(LoraSettings, "targets")
+def bench_command(settings, lora_r, targets) -> None:
     """Time LoRA train steps on random weights of a preset's shape; print one JSON line."""
+    import dataclasses
     import json
 
-    from jora_model.training.bench import BenchSettings, run_bench
-    from jora_model.model.lora import LoraSettings
+    from jora_model.training.bench import run_bench
 
-    settings = BenchSettings(preset=preset, seq=seq, batch=batch, grad_accum=grad_accum, steps=steps,
-                             warmup=warmup, mesh=mesh, compute_dtype=compute_dtype, param_dtype=param_dtype,
-                             remat=remat, lora=LoraSettings(r=lora_r, alpha=lora_r,
-                                                            targets=tuple(targets.split(","))))
-    click.echo(json.dumps(run_bench(settings)))
+    lora = LoraSettings(r=lora_r, alpha=lora_r, targets=targets)
+    click.echo(json.dumps(run_bench(dataclasses.replace(settings, lora=lora))))
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "jora")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 import base64  # noqa: E402
+import dataclasses  # noqa: E402
 import fcntl  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -33,7 +34,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from jora_model.parallel import distributed  # noqa: E402
 from jora_model.errors import JoraError  # noqa: E402
-from pipeline.settings import FinetuneSettings  # noqa: E402
+from pipeline.settings import FinetuneSettings, build  # noqa: E402
 
 LOCK = ".jora-run.lock"
 
@@ -48,10 +49,10 @@ def _log(result) -> dict[str, Any]:
 
 
 @task(name="convert", cache_policy=NO_CACHE)
-def convert_task(checkpoint: str, out: str, dtype: str, tokenizer: str | None) -> dict[str, Any]:
+def convert_task(checkpoint: str, out: str, settings: dict[str, Any]) -> dict[str, Any]:
     from stages.convert import ConvertSettings, convert
 
-    return _log(convert(checkpoint, out, ConvertSettings(dtype=dtype, tokenizer=tokenizer), progress=False))
+    return _log(convert(checkpoint, out, ConvertSettings(**settings), progress=False))
 
 
 @task(name="tokenize", cache_policy=NO_CACHE)
@@ -80,10 +81,11 @@ def merge_task(model: str, adapter: str, out: str) -> dict[str, Any]:
 
 
 @task(name="export", cache_policy=NO_CACHE)
-def export_task(model: str, out: str, dtype: str, verify: bool, max_shard_mb: int) -> dict[str, Any]:
-    from stages.export import export
+def export_task(model: str, out: str, settings: dict[str, Any]) -> dict[str, Any]:
+    from stages.export import ExportSettings, export
 
-    return _log(export(model, out, dtype=dtype, verify=verify, max_shard_bytes=max_shard_mb * 1024 ** 2))
+    s = ExportSettings(**settings)
+    return _log(export(model, out, dtype=s.dtype, verify=s.verify, max_shard_bytes=s.max_shard_mb * 1024 ** 2))
 
 
 @task(name="export-adapter", cache_policy=NO_CACHE)
@@ -95,38 +97,19 @@ def export_adapter_task(model: str, adapter: str, out: str, verify: bool) -> dic
 
 def train_settings(settings: FinetuneSettings):
     from jora_model.model.lora import LoraSettings
-    from jora_model.training.trainer import TrainSettings
+    from jora_model.training.settings import TrainSettings
 
-    t, lora = settings.train, settings.lora
-    return TrainSettings(
-        lora=LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets),
-                          rslora=lora.rslora),
-        lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum, max_seq_len=settings.data.max_seq_len,
-        epochs=t.epochs, max_steps=t.max_steps, seed=t.seed, eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, mesh=t.mesh,
-        compute_dtype=t.compute_dtype, remat=t.remat, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm)
+    return build(TrainSettings, settings.train, lora=build(LoraSettings, settings.lora),
+                 max_seq_len=settings.data.max_seq_len)
 
 
 def distributed_settings(settings: FinetuneSettings):
-    """The multi-host part of the train settings; a field left empty is read from JORA_COORDINATOR,
-    JORA_NUM_PROCESSES or JORA_PROCESS_ID (the process id differs per host, the YAML does not)."""
-    from jora_model.parallel.distributed import DistributedSettings
+    """The multi-host part of the train settings; a field left empty is read from its environment
+    variable, JORA_COORDINATOR, JORA_NUM_PROCESSES or JORA_PROCESS_ID (the process id differs per host,
+    the YAML does not)."""
+    from stages.train import HostSettings
 
-    t = settings.train
-
-    def env_int(name: str) -> int | None:
-        value = os.environ.get(name)
-        try:
-            return int(value) if value not in (None, "") else None
-        except ValueError:
-            raise JoraError(f"{name} must be a whole number, got {value!r}") from None
-
-    return DistributedSettings(
-        coordinator=t.coordinator or os.environ.get("JORA_COORDINATOR") or None,
-        num_processes=t.num_processes if t.num_processes is not None else env_int("JORA_NUM_PROCESSES"),
-        process_id=t.process_id if t.process_id is not None else env_int("JORA_PROCESS_ID"),
-        heartbeat_timeout_s=t.heartbeat_timeout)
+    return build(HostSettings, settings.train, from_env=True).distributed()
 
 
 def _leader_first(team, run_stage):
@@ -190,6 +173,8 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
     """Fine-tune a LoRA adapter on the base model and data in `settings`, exporting HF and PEFT
     directories; stages whose inputs did not change are skipped. `overrides` maps dotted names to
     values (`{"data.path": "/new.json", "train.lr": 2e-4}`), for `prefect deployment run --param`."""
+    from stages.tokenize import TokenizeSettings
+
     if overrides:
         settings = apply_overrides(settings, overrides)
     work = Path(settings.workdir)
@@ -197,9 +182,7 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
         raise JoraError("settings: model.checkpoint is empty (a Meta or HF checkpoint directory)")
     if not settings.data.path:
         raise JoraError("settings: data.path is empty (an Alpaca JSON file)")
-    data = settings.data
-    tokenize_settings = {"max_seq_len": data.max_seq_len, "val_fraction": data.val_fraction, "seed": data.seed,
-                         "pack": data.pack, "strict": data.strict}
+    tokenize_settings = dataclasses.asdict(build(TokenizeSettings, settings.data))
     team = distributed.initialize(distributed_settings(settings))  # before any stage touches a device
     try:
         stages = _run_stages(settings, work, team, tokenize_settings)
@@ -218,19 +201,23 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
 
 
 def _run_stages(settings: FinetuneSettings, work: Path, team, tokenize_settings: dict[str, Any]) -> dict[str, Any]:
+    from stages.convert import ConvertSettings
+    from stages.export import ExportSettings
+
     data = settings.data
+    convert_settings = dataclasses.asdict(build(ConvertSettings, settings.model))
+    export_settings = dataclasses.asdict(build(ExportSettings, settings.export))
     with RunLock(work, team.process_id):
         stages: dict[str, Any] = {}
         stages["convert"] = _leader_first(team, lambda: convert_task(
-            settings.model.checkpoint, str(work / "store"), settings.model.dtype, settings.model.tokenizer))
+            settings.model.checkpoint, str(work / "store"), convert_settings))
         store = stages["convert"]["path"]
         stages["tokenize"] = _leader_first(team, lambda: tokenize_task(data.path, str(work / "tokenized"), store,
                                                                        tokenize_settings))
         stages["train"] = train_task(store, stages["tokenize"]["path"], str(work / "train"), settings)
         stages["merge"] = _leader_first(team, lambda: merge_task(store, stages["train"]["path"], str(work / "merged")))
         stages["export"] = _leader_first(team, lambda: export_task(
-            stages["merge"]["path"], str(work / "hf-model"), settings.export.dtype, settings.export.verify,
-            settings.export.max_shard_mb))
+            stages["merge"]["path"], str(work / "hf-model"), export_settings))
         if settings.export.peft_adapter:
             stages["export-adapter"] = _leader_first(team, lambda: export_adapter_task(
                 store, stages["train"]["path"], str(work / "peft-adapter"), settings.export.verify))

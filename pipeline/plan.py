@@ -12,7 +12,9 @@ from pathlib import Path
 import click
 
 from jora_model.errors import JoraError
-from jora_model.model.remat import POLICIES
+from jora_model.model.lora import LoraSettings
+from jora_model.training.settings import TrainSettings
+from stages.options import option_for
 
 _ROWS = (  # (label, MemoryPlan field)
     ("frozen weights", "frozen_bytes_per_device"),
@@ -68,30 +70,29 @@ def _table(plan, title: str) -> str:
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="micro-batches per optimizer step.")
 @click.option("--mesh", default="data=1,model=1", show_default=True, help="e.g. data=2,model=4.")
-@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--targets", default="q_proj,v_proj", show_default=True, help="comma-separated LoRA targets.")
-@click.option("--remat", type=click.Choice(POLICIES), default="matmuls", show_default=True,
-              help="what each decoder layer keeps for its backward pass (see jora train --help).")
+@option_for(LoraSettings, "r", dest="lora_r")
+@option_for(LoraSettings, "targets")
+@option_for(TrainSettings, "remat")
+@option_for(TrainSettings, "kernels", note="a plan counts auto as cpu")  # it cannot see the platform it is for
 @click.option("--param-dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
               help="dtype of the frozen weights [default: the store's, or bfloat16].")
 @click.option("--device-memory", default=None, help="memory per device, e.g. 80GB or 80GiB: says whether it fits.")
 @click.option("--devices", type=click.IntRange(min=1), default=None,
               help="with --device-memory: list the meshes over this many devices that fit, best first.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table.")
-def plan_command(preset_name, store, seq, batch, grad_accum, mesh, lora_r, targets, remat, param_dtype,
+def plan_command(preset_name, store, seq, batch, grad_accum, mesh, lora_r, targets, remat, kernels, param_dtype,
                  device_memory, devices, as_json) -> None:
     """Bytes per device of LoRA training: frozen weights, LoRA, optimizer state, activations; and
     whether it fits. Computed from shapes: nothing is allocated."""
-    from jora_model.model.lora import LoraSettings
     from jora_model.training.memory_plan import meshes_that_fit, parse_bytes, plan_memory
     from jora_model.parallel.sharding import MeshShape
 
     config, stored_dtype, name = _model(preset_name, store)
     param_dtype = param_dtype or stored_dtype or "bfloat16"
-    lora = LoraSettings(r=lora_r, alpha=lora_r, targets=tuple(t.strip() for t in targets.split(",") if t.strip()))
+    lora = LoraSettings(r=lora_r, alpha=lora_r, targets=targets)
     memory = parse_bytes(device_memory) if device_memory is not None else None
     common = dict(seq_len=seq, batch_size=batch, lora=lora, remat=remat, param_dtype=param_dtype,
-                  grad_accum=grad_accum)
+                  grad_accum=grad_accum, kernels="cpu" if kernels == "auto" else kernels)
     if devices is not None:
         if memory is None:
             raise JoraError("--devices lists the meshes that fit: give --device-memory too")

@@ -1,105 +1,165 @@
 """The pipeline's settings: one typed object (the Prefect UI renders a form for it), loadable from YAML.
 
-Every field is documented in pipeline/finetune.example.yaml. Relative paths in a YAML file are taken
-relative to that file.
+Nothing here restates a setting: each YAML section is made from the fields of the dataclasses that own
+them (LAYOUT), with their defaults, bounds, choices and help, and `build` turns a section back into those
+dataclasses. Every field is documented in pipeline/finetune.example.yaml and README's "Every setting"
+(tests/test_settings_schema.py keeps both in step). Relative paths in a YAML file are taken relative to
+that file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from jora_model.errors import JoraError
-from jora_model.model.remat import POLICIES
+from jora_model.model.lora import LoraSettings
+from jora_model.schema import Setting, field_types, setting, settings_of, unwrap
+from jora_model.training.settings import TrainSettings
+from stages.convert import ConvertSettings
+from stages.export import ExportSettings
+from stages.tokenize import TokenizeSettings
+from stages.train import HostSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSettings:
+    """The settings only the flow has: what it reads, where it writes, and which steps it takes."""
+    workdir: str = setting(".", "every stage writes its output under this directory: store/, tokenized/, train/, "
+                           "merged/, hf-model/, peft-adapter/", path=True)
+    checkpoint: str = setting("", "Meta's checkpoint directory (params.json, consolidated.NN.pth) or an HF Llama "
+                              "directory", path=True)
+    path: str = setting("", "Alpaca JSON or JSON Lines: instruction, input (the retrieved context), output",
+                        path=True)
+    warm_start: bool = setting(False, "when the data changed, start from the previous run's adapter")
+    peft_adapter: bool = setting(True, "also export the adapter for peft (peft-adapter/)")
+
+
+_EVERY = None  # a LAYOUT entry's "every setting of the class"
+# YAML section -> (dataclass, which of its settings) in the order the file and the GUI show them. A key's
+# name is the field's name. TrainSettings.max_seq_len is data.max_seq_len (tokenize's), see NOT_IN_YAML.
+LAYOUT: dict[str, tuple[tuple[type, tuple[str, ...] | None], ...]] = {
+    "": ((FlowSettings, ("workdir",)),),
+    "model": ((FlowSettings, ("checkpoint",)), (ConvertSettings, ("dtype", "tokenizer"))),
+    "data": ((FlowSettings, ("path",)), (TokenizeSettings, ("max_seq_len", "val_fraction", "seed", "pack", "strict"))),
+    "lora": ((LoraSettings, _EVERY),),
+    "train": ((TrainSettings, tuple(f.name for f, _ in settings_of(TrainSettings)
+                                    if f.name not in ("max_seq_len", "pad_multiple", "eval_batch_size"))),
+              (FlowSettings, ("warm_start",)), (HostSettings, _EVERY)),
+    "export": ((ExportSettings, _EVERY), (FlowSettings, ("peft_adapter",))),
+}
+# The settings no YAML key sets, and why.
+NOT_IN_YAML = {
+    (TrainSettings, "max_seq_len"): "data.max_seq_len sets it, for tokenize and train alike",
+    (TrainSettings, "pad_multiple"): "library only",
+    (TrainSettings, "eval_batch_size"): "library only",
+    (TokenizeSettings, "template"): "one template so far",
+    (ConvertSettings, "max_shard_bytes"): "the store's shard size: jora convert --max-shard-size only",
+}
+
+
+def yaml_settings() -> dict[str, tuple[type, dataclasses.Field, Setting]]:
+    """Dotted YAML name ("train.lr") -> (owning dataclass, field, Setting), in LAYOUT's order."""
+    out = {}
+    for section, parts in LAYOUT.items():
+        for cls, names in parts:
+            for field, spec in settings_of(cls):
+                if names is _EVERY or field.name in names:
+                    out[f"{section}.{field.name}" if section else field.name] = (cls, field, spec)
+    return out
+
+
+def _pydantic_field(annotation: Any, default: Any, spec: Setting) -> tuple[Any, Any]:
+    base, optional = unwrap(annotation)
+    constraints = {k: getattr(spec, k) for k in ("ge", "gt", "le", "lt") if getattr(spec, k) is not None}
+    if base is float:
+        constraints["allow_inf_nan"] = False
+    if spec.choices is not None and base is str:
+        base = Literal[spec.choices]
+    elif isinstance(default, tuple):  # a YAML list; each item one of the choices
+        base = list[Literal[spec.choices] if spec.choices is not None else str]
+        default, constraints["min_length"] = list(default), 1
+    return (Optional[base] if optional else base), Field(default, description=spec.help, **constraints)
+
+
+def _remat_from_bool(cls, value: Any) -> Any:
+    # settings files written before the policies said `remat: true` or `false`
+    return {True: "matmuls", False: "none"}[value] if isinstance(value, bool) else value
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelSection(_Section):
-    checkpoint: str = Field("", description="Meta's checkpoint directory or an HF Llama directory")
-    dtype: Literal["bf16", "fp32"] = Field("bf16", description="dtype of the converted weights")
-    tokenizer: str | None = Field(None, description="tokenizer.model, when the checkpoint has none")
+def _section_model(name: str, section: str) -> type[BaseModel]:
+    fields = {}
+    for dotted, (cls, field, spec) in yaml_settings().items():
+        if dotted.rpartition(".")[0] == section:
+            fields[field.name] = _pydantic_field(field_types(cls)[field.name], field.default, spec)
+    validators = {"remat_from_bool": field_validator("remat", mode="before")(_remat_from_bool)} \
+        if "remat" in fields else None
+    return create_model(name, __base__=_Section, __module__=__name__, __validators__=validators, **fields)
 
 
-class DataSection(_Section):
-    path: str = Field("", description="Alpaca JSON or JSON Lines; `input` carries the retrieved context")
-    max_seq_len: int = Field(2000, ge=8, description="longest example in tokens (context is cut first)")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of records held out for evaluation")
-    seed: int = Field(420, description="decides the held-out records")
-    pack: bool = Field(False, description="pack several short examples per row")
-    strict: bool = Field(True, description="stop at a bad record (false: skip and count it)")
+ModelSection = _section_model("ModelSection", "model")
+DataSection = _section_model("DataSection", "data")
+LoraSection = _section_model("LoraSection", "lora")
+TrainSection = _section_model("TrainSection", "train")
+ExportSection = _section_model("ExportSection", "export")
+_SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraSection, "train": TrainSection,
+             "export": ExportSection}
+_Top = create_model("_Top", __base__=_Section, __module__=__name__,
+                    **{name: _pydantic_field(field_types(cls)[field.name], field.default, spec)
+                       for name, (cls, field, spec) in yaml_settings().items() if "." not in name},
+                    **{name: (model, model()) for name, model in _SECTIONS.items()})
 
 
-class LoraSection(_Section):
-    r: int = Field(16, ge=1, description="rank")
-    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / r")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input while training")
-    targets: list[str] = Field(["q_proj", "v_proj"], description="linear layers that get an adapter")
-    rslora: bool = Field(False, description="scale by alpha / sqrt(r)")
-
-
-class TrainSection(_Section):
-    lr: float = Field(1e-4, gt=0, description="peak learning rate")
-    batch_size: int = Field(1, ge=1, description="rows per micro-batch")
-    grad_accum: int = Field(8, ge=1, description="micro-batches per optimizer step")
-    epochs: int = Field(7, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    seed: int = Field(420, description="data order, adapter init, dropout")
-    eval_every: int = Field(100, ge=0, description="steps between evaluations (0: only at the end)")
-    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
-    keep_checkpoints: int = Field(3, ge=1)
-    mesh: str = Field("", description="device mesh, e.g. data=2,model=4 (empty: model = all devices)")
-    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    remat: Literal[POLICIES] = Field("matmuls", description="what each decoder layer keeps for its backward pass: "
-                                     "matmuls (fastest), layer (least memory), none (no recompute)")
-
-    @field_validator("remat", mode="before")
-    @classmethod
-    def _remat_from_bool(cls, value: Any) -> Any:
-        # settings files written before the policies said `remat: true` or `false`
-        return {True: "matmuls", False: "none"}[value] if isinstance(value, bool) else value
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    warm_start: bool = Field(False, description="start from the previous run's adapter when the data changed")
-    # Multi-host (README "Several hosts"): every process runs the same flow; none of these is part of
-    # the train stage's cache key, so the same inputs give the same adapter on any number of hosts.
-    coordinator: str | None = Field(None, description="HOST:PORT of process 0 (env JORA_COORDINATOR)")
-    num_processes: int | None = Field(None, ge=1, description="processes, one per host (env JORA_NUM_PROCESSES)")
-    process_id: int | None = Field(None, ge=0, description="this process, 0..N-1 (env JORA_PROCESS_ID)")
-    heartbeat_timeout: int = Field(100, ge=1, description="seconds of silence before a process counts as dead")
-
-
-class ExportSection(_Section):
-    dtype: Literal["bf16", "fp32"] = Field("bf16", description="dtype of the exported HF weights")
-    verify: bool = Field(True, description="check exports against jora's model (needs the model in RAM)")
-    max_shard_mb: int = Field(2048, ge=1, description="size of each model-*.safetensors file")
-    peft_adapter: bool = Field(True, description="also export the adapter for peft")
-
-
-class FinetuneSettings(_Section):
-    workdir: str = Field(".", description="every stage writes its output under this directory")
-    model: ModelSection = ModelSection()
-    data: DataSection = DataSection()
-    lora: LoraSection = LoraSection()
-    train: TrainSection = TrainSection()
-    export: ExportSection = ExportSection()
-
+class FinetuneSettings(_Top):
     def resolved(self, base: Path) -> "FinetuneSettings":
         """Relative paths made absolute against `base` (the YAML file's directory, or the cwd)."""
         def fix(value: str | None) -> str | None:
             return str((base / value).resolve()) if value else value
 
-        return self.model_copy(update={
-            "workdir": fix(self.workdir),
-            "model": self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint),
-                                                   "tokenizer": fix(self.model.tokenizer)}),
-            "data": self.data.model_copy(update={"path": fix(self.data.path)}),
-        })
+        update: dict[str, Any] = {}
+        for dotted, (_, _, spec) in yaml_settings().items():
+            if spec.path:
+                section, _, key = dotted.rpartition(".")
+                if not section:
+                    update[key] = fix(getattr(self, key))
+                else:
+                    update.setdefault(section, {})[key] = fix(getattr(getattr(self, section), key))
+        return self.model_copy(update={name: getattr(self, name).model_copy(update=value)
+                                       if isinstance(value, dict) else value for name, value in update.items()})
+
+
+def build(cls: type, section: BaseModel, from_env: bool = False, **extra: Any) -> Any:
+    """`cls` made from the section's values of its settings (lists become tuples), with `extra`.
+    from_env: a setting left empty is read from its environment variable (Setting.env), when set."""
+    values = section.model_dump()
+    kwargs: dict[str, Any] = {}
+    types = field_types(cls)
+    for field, spec in settings_of(cls):
+        if field.name not in values:
+            continue
+        value = values[field.name]
+        if from_env and spec.env and value in (None, ""):
+            value = _env_value(spec.env, unwrap(types[field.name])[0]) if os.environ.get(spec.env) else None
+        kwargs[field.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs, **extra)
+
+
+def _env_value(name: str, kind: type) -> Any:
+    value = os.environ[name]
+    if kind is not int:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise JoraError(f"{name} must be a whole number, got {value!r}") from None
 
 
 def _first_error(exc: ValidationError) -> str:

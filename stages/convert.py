@@ -14,8 +14,10 @@ from pathlib import Path
 import click
 
 from jora_model.errors import JoraError
+from jora_model.schema import check_settings, setting
 
 from .base import StageResult, run_stage
+from .options import settings_options
 
 CODE_VERSION = "convert-1"
 log = logging.getLogger("jora")
@@ -23,9 +25,15 @@ log = logging.getLogger("jora")
 
 @dataclasses.dataclass(frozen=True)
 class ConvertSettings:
-    dtype: str = "bf16"  # dtype of the stored weights: bf16 (training) or fp32 (exact checks)
-    max_shard_bytes: int = 2 * 1024 ** 3  # safetensors files are split at about this size
-    tokenizer: str | None = None  # tokenizer file to store when the source has none (or to override it)
+    dtype: str = setting("bf16", "dtype of the stored weights: bf16 (training) or fp32 (exact checks)",
+                         choices=("bf16", "fp32"))
+    max_shard_bytes: int = setting(2 * 1024 ** 3, "split the safetensors files at about this many MiB", ge=1,
+                                   option="--max-shard-size", unit=1024 ** 2)
+    tokenizer: str | None = setting(None, "a tokenizer.model to store when the checkpoint has none (or to use "
+                                    "instead of its own)", path=True)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def detect_layout(src: Path) -> str:
@@ -120,19 +128,11 @@ def convert(src: str | Path, out: str | Path, settings: ConvertSettings = Conver
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
-              help="dtype of the stored weights (bf16 for training, fp32 for exact checks).")
-@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="tokenizer.model to store when SRC has none.")
-@click.option("--max-shard-size", "max_shard_mb", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="split the safetensors files at about this many MiB.")
+@settings_options(ConvertSettings, "settings")
 @click.option("--force", is_flag=True, help="rebuild even when the output is up to date.")
-def convert_command(src: Path, out: Path, dtype: str, tokenizer: Path | None, max_shard_mb: int,
-                    force: bool) -> None:
+def convert_command(src: Path, out: Path, settings: ConvertSettings, force: bool) -> None:
     """Convert a Llama checkpoint (Meta's original layout or an HF directory) in SRC into a jora
     parameter store in OUT."""
-    settings = ConvertSettings(dtype=dtype, max_shard_bytes=max_shard_mb * 1024 ** 2,
-                               tokenizer=str(tokenizer.resolve()) if tokenizer else None)
     result = convert(src, out, settings, force=force)
     facts = result.manifest.get("facts", {})
     verb = "skipped (up to date)" if result.skipped else "converted"

@@ -8,15 +8,32 @@ Inputs: a parameter store, optionally an adapter. Outputs: an HF directory that
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
 import click
 
+from jora_model.schema import check_settings, same_as, setting
+
 from .base import StageResult, adapter_input, run_stage, upstream_key
+from .convert import ConvertSettings
+from .options import option_for, settings_options
 
 CODE_VERSION = "export-1"
-TOLERANCE = 1e-3  # of max|logit|: both sides compute in fp32 on identical weights (observed ~1e-6)
+TOLERANCE = 1e-3  # of max|logit|: both sides compute in fp32 on identical weights
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    """How `jora export` writes the Hugging Face directory (and whether each export is checked)."""
+    dtype: str = same_as(ConvertSettings, "dtype", help="dtype of the exported Hugging Face weights")
+    verify: bool = setting(True, "check each export's logits against jora's own model (needs the model in host RAM)")
+    max_shard_mb: int = setting(2048, "split model-*.safetensors at about this many MiB", ge=1,
+                                option="--max-shard-size")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def _our_logits(store: Path, dtype: str | None = None, adapter: Path | None = None):
@@ -102,16 +119,11 @@ def export_adapter(model: str | Path, adapter: str | Path, out: str | Path, veri
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--adapter", type=click.Path(path_type=Path), default=None,
               help="merge this adapter (a train output or its adapter/) into the export.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="check the export's logits against jora's model (needs the model in host RAM).")
-@click.option("--max-shard-size", "max_shard_mb", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="split model-*.safetensors at about this many MiB.")
+@settings_options(ExportSettings, "settings")
 @click.option("--force", is_flag=True, help="rebuild even when the output is up to date.")
-def export_command(model: Path, out: Path, adapter: Path | None, dtype: str, verify: bool, max_shard_mb: int,
-                   force: bool) -> None:
+def export_command(model: Path, out: Path, adapter: Path | None, settings: ExportSettings, force: bool) -> None:
     """Export the parameter store MODEL (plus --adapter, merged) as a Hugging Face directory OUT."""
-    result = export(model, out, adapter, dtype, verify, max_shard_mb * 1024 ** 2, force)
+    result = export(model, out, adapter, settings.dtype, settings.verify, settings.max_shard_mb * 1024 ** 2, force)
     facts = result.manifest.get("facts", {})
     check = f", self-check max |diff| {facts['max_abs_diff']:.2g}" if "max_abs_diff" in facts else ""
     click.echo(f"{'skipped (up to date)' if result.skipped else 'exported'}: {result.out_dir}{check}")
@@ -121,8 +133,7 @@ def export_command(model: Path, out: Path, adapter: Path | None, dtype: str, ver
 @click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="the base parameter store.")
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="load it with peft on the exported base and compare logits.")
+@option_for(ExportSettings, "verify", help="load it with peft on the exported base and compare logits.")
 @click.option("--force", is_flag=True, help="rebuild even when the output is up to date.")
 def export_adapter_command(model: Path, adapter: Path, out: Path, verify: bool, force: bool) -> None:
     """Export ADAPTER as a PEFT adapter (adapter_config.json, adapter_model.safetensors) in OUT."""

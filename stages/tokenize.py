@@ -18,9 +18,12 @@ from typing import Any, Iterator
 
 import click
 
+from jora_model.data.alpaca import TEMPLATES
 from jora_model.errors import JoraError
+from jora_model.schema import check_settings, setting
 
 from .base import StageResult, run_stage
+from .options import settings_options
 
 CODE_VERSION = "tokenize-1"
 log = logging.getLogger("jora")
@@ -29,18 +32,17 @@ _CHUNK = 512  # records per task sent to a worker
 
 @dataclasses.dataclass(frozen=True)
 class TokenizeSettings:
-    max_seq_len: int = 2000  # longest row, in tokens, bos and eos included
-    val_fraction: float = 0.05  # share of records held out for evaluation
-    seed: int = 420  # decides which records are held out
-    template: str = "alpaca"  # prompt template (jora_model.data.alpaca.TEMPLATES)
-    pack: bool = False  # several examples per row, kept apart by segment ids
-    strict: bool = True  # stop at the first bad record (else skip and count it)
+    max_seq_len: int = setting(2000, "longest example in tokens, bos and eos included; longer ones lose retrieved "
+                               "context first, then instruction, never the response", ge=8)
+    val_fraction: float = setting(0.05, "share of records held out for evaluation", ge=0, lt=1)
+    seed: int = setting(420, "decides which records are held out")
+    template: str = setting("alpaca", "prompt template", choices=tuple(TEMPLATES))
+    pack: bool = setting(False, "pack several short examples per row (segment ids keep them apart)")
+    strict: bool = setting(True, "stop at the first bad record (else skip bad records and count them)",
+                           off="--lenient")
 
     def __post_init__(self) -> None:
-        if self.max_seq_len < 8:
-            raise JoraError(f"max_seq_len must be at least 8, got {self.max_seq_len}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise JoraError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        check_settings(self)
 
 
 # --- worker side: one tokenizer per process, loaded once -------------------------------------------
@@ -98,89 +100,97 @@ def tokenize(data: str | Path, out: str | Path, tokenizer: str | Path,
              force: bool = False) -> StageResult:
     """Tokenize `data` into `out` (skipped when up to date). Returns the stage result; its manifest's
     facts hold the report (see `format_report`)."""
-    from jora_model.data.alpaca import TEMPLATES
     from jora_model.data.tokenizer import resolve_tokenizer
 
     data, out = Path(data), Path(out)
     tokenizer_path = resolve_tokenizer(tokenizer)
-    if settings.template not in TEMPLATES:
-        raise JoraError(f"unknown template {settings.template!r}; known: {', '.join(TEMPLATES)}")
     if not data.is_file():
         raise JoraError("data file not found", data)
     workers = workers or min(os.cpu_count() or 1, 8)
 
     def build(tmp: Path) -> dict[str, Any]:
-        import numpy as np
-
-        from jora_model.data.alpaca import check_record, held_out, read_records
-        from jora_model.data.shards import Row, ShardWriter
-        from jora_model.data.packing import pack
-        from jora_model.data.tokenizer import Tokenizer
-
-        Tokenizer(tokenizer_path)  # a bad tokenizer fails here, in the parent, with its own message
-        records = read_records(data)
-        good: list[tuple[int, dict]] = []
-        invalid: Counter[str] = Counter()
-        for i, record in enumerate(records):
-            problem = check_record(record)
-            if problem is None:
-                good.append((i, record))
-            elif settings.strict:
-                raise JoraError(f"record {i}: {problem} (use --lenient to skip bad records)", data)
-            else:
-                invalid[problem] += 1
-        if not good:
-            raise JoraError("no usable records", data)
-        val_ids = held_out(len(records), settings.val_fraction, settings.seed)
-        writers = {"train": ShardWriter(tmp / "train"), "val": ShardWriter(tmp / "val")}
-        stats = {split: {"examples": 0, "rows": 0, "tokens": 0, "loss_tokens": 0, "lengths": []}
-                 for split in writers}
-        dropped: Counter[str] = Counter({f"invalid record: {k}": v for k, v in invalid.items()})
-        cut = {"examples": 0, "tokens": 0, "input": 0, "instruction": 0}
-        kept: dict[str, list] = {"train": [], "val": []} if settings.pack else {}
-
-        for example in _tokenized(good, tokenizer_path, settings, workers):
-            if example.dropped:
-                dropped[example.dropped] += 1
-                continue
-            split = "val" if example.example_id in val_ids else "train"
-            s = stats[split]
-            s["examples"] += 1
-            s["tokens"] += len(example.input_ids)
-            s["loss_tokens"] += int(example.loss_mask.sum())
-            s["lengths"].append(len(example.input_ids))
-            if example.cut_tokens:
-                cut["examples"] += 1
-                cut["tokens"] += example.cut_tokens
-                for field in example.cut_fields:
-                    cut[field] += 1
-            if settings.pack:
-                kept[split].append((example.example_id, example.input_ids, example.loss_mask))
-            else:
-                writers[split].add(Row([example.example_id], example.input_ids, example.loss_mask,
-                                       np.ones(len(example.input_ids), np.int32)))
-        for split, writer in writers.items():
-            if settings.pack:
-                for row in pack(kept[split], settings.max_seq_len):
-                    writer.add(row)
-            writer.close()
-            stats[split]["rows"] = writer.rows
-        written = stats["train"]["examples"] + stats["val"]["examples"]
-        if written == 0:
-            raise JoraError(f"every record was dropped ({', '.join(f'{k}: {v}' for k, v in dropped.items())})",
-                            data)
-        report = {
-            "examples_in": len(records), "written": written, "cut": cut, "dropped": dict(dropped),
-            "splits": {split: {k: v for k, v in s.items() if k != "lengths"} |
-                       {"length_histogram": _histogram(s["lengths"], settings.max_seq_len),
-                        "longest": max(s["lengths"], default=0)} for split, s in stats.items()},
-            "tokenizer": {"path": str(tokenizer_path)}, "settings": dataclasses.asdict(settings),
-        }
-        (tmp / "stats.json").write_text(json.dumps(report, indent=1) + "\n")
-        return report
+        return _build(tmp, data, tokenizer_path, settings, workers)
 
     return run_stage("tokenize", CODE_VERSION, out, {"data": data, "tokenizer": tokenizer_path},
                      dataclasses.asdict(settings), build, force=force)
+
+
+def _usable_records(data: Path, strict: bool) -> tuple[list, list[tuple[int, dict]], Counter]:
+    """(every record, the good ones with their index, the bad ones' problems counted)."""
+    from jora_model.data.alpaca import check_record, read_records
+
+    records = read_records(data)
+    good: list[tuple[int, dict]] = []
+    invalid: Counter[str] = Counter()
+    for i, record in enumerate(records):
+        problem = check_record(record)
+        if problem is None:
+            good.append((i, record))
+        elif strict:
+            raise JoraError(f"record {i}: {problem} (use --lenient to skip bad records)", data)
+        else:
+            invalid[problem] += 1
+    if not good:
+        raise JoraError("no usable records", data)
+    return records, good, invalid
+
+
+def _build(tmp: Path, data: Path, tokenizer_path: Path, settings: TokenizeSettings, workers: int) -> dict[str, Any]:
+    """Write the shards and stats.json into `tmp`; return the report."""
+    import numpy as np
+
+    from jora_model.data.alpaca import held_out
+    from jora_model.data.packing import pack
+    from jora_model.data.shards import Row, ShardWriter
+    from jora_model.data.tokenizer import Tokenizer
+
+    Tokenizer(tokenizer_path)  # a bad tokenizer fails here, in the parent, with its own message
+    records, good, invalid = _usable_records(data, settings.strict)
+    val_ids = held_out(len(records), settings.val_fraction, settings.seed)
+    writers = {"train": ShardWriter(tmp / "train"), "val": ShardWriter(tmp / "val")}
+    stats = {split: {"examples": 0, "rows": 0, "tokens": 0, "loss_tokens": 0, "lengths": []} for split in writers}
+    dropped: Counter[str] = Counter({f"invalid record: {k}": v for k, v in invalid.items()})
+    cut = {"examples": 0, "tokens": 0, "input": 0, "instruction": 0}
+    kept: dict[str, list] = {"train": [], "val": []} if settings.pack else {}
+
+    for example in _tokenized(good, tokenizer_path, settings, workers):
+        if example.dropped:
+            dropped[example.dropped] += 1
+            continue
+        split = "val" if example.example_id in val_ids else "train"
+        s = stats[split]
+        s["examples"] += 1
+        s["tokens"] += len(example.input_ids)
+        s["loss_tokens"] += int(example.loss_mask.sum())
+        s["lengths"].append(len(example.input_ids))
+        if example.cut_tokens:
+            cut["examples"] += 1
+            cut["tokens"] += example.cut_tokens
+            for field in example.cut_fields:
+                cut[field] += 1
+        if settings.pack:
+            kept[split].append((example.example_id, example.input_ids, example.loss_mask))
+        else:
+            writers[split].add(Row([example.example_id], example.input_ids, example.loss_mask,
+                                   np.ones(len(example.input_ids), np.int32)))
+    for split, writer in writers.items():
+        if settings.pack:
+            for row in pack(kept[split], settings.max_seq_len):
+                writer.add(row)
+        writer.close()
+        stats[split]["rows"] = writer.rows
+    written = stats["train"]["examples"] + stats["val"]["examples"]
+    if written == 0:
+        raise JoraError(f"every record was dropped ({', '.join(f'{k}: {v}' for k, v in dropped.items())})", data)
+    report = {
+        "examples_in": len(records), "written": written, "cut": cut, "dropped": dict(dropped),
+        "splits": {split: {k: v for k, v in s.items() if k != "lengths"} |
+                   {"length_histogram": _histogram(s["lengths"], settings.max_seq_len),
+                    "longest": max(s["lengths"], default=0)} for split, s in stats.items()},
+        "tokenizer": {"path": str(tokenizer_path)}, "settings": dataclasses.asdict(settings),
+    }
+    (tmp / "stats.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -205,24 +215,13 @@ def format_report(report: dict[str, Any]) -> str:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--tokenizer", "tokenizer", required=True, type=click.Path(path_type=Path),
               help="a SentencePiece tokenizer.model, or a parameter store (which names its tokenizer).")
-@click.option("--max-seq-len", type=click.IntRange(min=8), default=2000, show_default=True,
-              help="longest example in tokens; longer ones lose retrieved context first, then instruction.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
-              help="share of records held out for evaluation.")
-@click.option("--seed", type=int, default=420, show_default=True, help="decides the held-out records.")
-@click.option("--template", type=click.Choice(["alpaca"]), default="alpaca", show_default=True,
-              help="prompt template.")
-@click.option("--pack/--no-pack", default=False, show_default=True,
-              help="pack several examples per row (segment ids keep them apart).")
-@click.option("--strict/--lenient", default=True, show_default=True,
-              help="stop at the first bad record, or skip bad records and count them.")
+@settings_options(TokenizeSettings, "settings")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="tokenizer processes [default: the CPU count, at most 8].")
 @click.option("--force", is_flag=True, help="rebuild even when the output is up to date.")
-def tokenize_command(data: Path, out: Path, tokenizer: Path, max_seq_len: int, val_fraction: float, seed: int,
-                     template: str, pack: bool, strict: bool, workers: int | None, force: bool) -> None:
+def tokenize_command(data: Path, out: Path, tokenizer: Path, settings: TokenizeSettings, workers: int | None,
+                     force: bool) -> None:
     """Tokenize an Alpaca JSON / JSON Lines file DATA into Arrow shards in OUT (train/ and val/)."""
-    settings = TokenizeSettings(max_seq_len, val_fraction, seed, template, pack, strict)
     result = tokenize(data, out, tokenizer, settings, workers=workers, force=force)
     verb = "skipped (up to date)" if result.skipped else "tokenized"
     click.echo(f"{verb}: {result.out_dir}")

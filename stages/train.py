@@ -12,21 +12,46 @@ The process count is not part of the cache key: the same inputs give the same ad
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import click
 
-from jora_model.model.remat import POLICIES
+from jora_model.schema import check_settings, setting
+from jora_model.training.settings import TrainSettings
 
 from .base import StageResult, adapter_input, run_stage, upstream_key
+from .options import settings_options
 
-CODE_VERSION = "train-6"  # 2: LoRA dropout masks from a hash (jora_model/dropout.py), not threefry;
-# 3: SwiGLU rounds to bf16 once (jora_model/norm_act.py) and attention sums its gradients in another order;
-# 4: on the CPU, row reductions are XLA's own fusions, not YNNPACK's (jora_model/compiled.py): other sum orders
-# 5: the adapter's gradients are summed in another order (jora_model/llama.py lora_update)
-# 6: the loss head's softmax gradient reuses logsumexp's exponentials (jora_model/loss.py): other roundings
+# Part of the cache key: bumped whenever the same inputs would train a different adapter, so a cached
+# one is never taken for what this code trains (benchmarks/RESULTS.md lists what each bump changed).
+CODE_VERSION = "train-6"
 log = logging.getLogger("jora")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSettings:
+    """Which processes train together on several hosts (README "Several hosts"). Not part of the cache
+    key: the same inputs give the same adapter on any number of hosts."""
+    coordinator: str | None = setting(None, "several hosts: HOST:PORT where process 0 serves JAX's coordination "
+                                      "service", env="JORA_COORDINATOR", metavar="HOST:PORT")
+    num_processes: int | None = setting(None, "several hosts: processes in the run, one per host", ge=1,
+                                        env="JORA_NUM_PROCESSES")
+    process_id: int | None = setting(None, "several hosts: this process, 0..N-1; 0 writes the outputs", ge=0,
+                                     env="JORA_PROCESS_ID")
+    heartbeat_timeout: int = setting(100, "several hosts: seconds without a heartbeat before a process counts as "
+                                     "dead and all stop", ge=1, env="JORA_HEARTBEAT_TIMEOUT")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    def distributed(self):
+        """As jora_model.parallel.distributed takes them (which checks that they agree)."""
+        from jora_model.parallel.distributed import DistributedSettings
+
+        return DistributedSettings(coordinator=self.coordinator, num_processes=self.num_processes,
+                                   process_id=self.process_id, heartbeat_timeout_s=self.heartbeat_timeout)
 
 
 def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
@@ -54,7 +79,7 @@ def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
 
 def _train(model, data, out, settings, init_adapter, resume, force, on_metrics, progress, warm_start,
            team) -> StageResult:
-    from jora_model.training.trainer import TrainSettings, run_training
+    from jora_model.training.trainer import run_training
 
     settings = settings or TrainSettings()
     model, data, out = Path(model), Path(data), Path(out)
@@ -108,75 +133,24 @@ def _compatible(previous: Path, lora) -> bool:
     return True
 
 
-def _targets(ctx, param, value: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in value.split(",") if t.strip())
-
-
 @click.command("train")
 @click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="parameter store (jora convert).")
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="tokenized shards (jora tokenize).")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank.")
-@click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale alpha/r).")
-@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True)
-@click.option("--targets", default="q_proj,v_proj", show_default=True, callback=_targets,
-              help="linear layers to adapt: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.")
-@click.option("--rslora", is_flag=True, help="scale by alpha/sqrt(r) (rank-stabilised LoRA).")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="peak learning rate.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--grad-accum", type=click.IntRange(min=1), default=8, show_default=True,
-              help="micro-batches per optimizer step.")
-@click.option("--max-seq-len", type=click.IntRange(min=8), default=2000, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=7, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="stop after this many steps.")
-@click.option("--seed", type=int, default=420, show_default=True)
-@click.option("--eval-every", type=click.IntRange(min=0), default=100, show_default=True,
-              help="steps between evaluations on val/ (0: only at the end).")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--mesh", default="", help="device mesh, e.g. data=2,model=4 [default: model=all devices].")
-@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--remat", type=click.Choice(POLICIES), default="matmuls", show_default=True,
-              help="what each decoder layer keeps for its backward pass: matmuls (every matmul's output; "
-              "fastest), layer (its input and attention's output; least memory) or none (no recompute).")
-@click.option("--warmup-ratio", type=click.FloatRange(0, 1), default=0.03, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@settings_options(TrainSettings, "settings")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="continue from the newest checkpoint of an interrupted run.")
 @click.option("--init-adapter", type=click.Path(path_type=Path), default=None,
               help="warm-start from an earlier adapter (same rank and targets).")
 @click.option("--force", is_flag=True, help="retrain even when the output is up to date.")
-@click.option("--coordinator", envvar="JORA_COORDINATOR", default=None, metavar="HOST:PORT",
-              help="multi-host: where process 0 serves JAX's coordination service [env JORA_COORDINATOR].")
-@click.option("--num-processes", envvar="JORA_NUM_PROCESSES", type=click.IntRange(min=1), default=None,
-              help="multi-host: processes in the run, one per host [env JORA_NUM_PROCESSES].")
-@click.option("--process-id", envvar="JORA_PROCESS_ID", type=click.IntRange(min=0), default=None,
-              help="multi-host: this process, 0..N-1; 0 writes the outputs [env JORA_PROCESS_ID].")
-@click.option("--heartbeat-timeout", envvar="JORA_HEARTBEAT_TIMEOUT", type=click.IntRange(min=1), default=100,
-              show_default=True, help="multi-host: seconds without a heartbeat before a process counts as dead.")
-def train_command(model, data, out, lora_r, lora_alpha, lora_dropout, targets, rslora, lr, batch_size, grad_accum,
-                  max_seq_len, epochs, max_steps, seed, eval_every, checkpoint_every, keep_checkpoints, mesh,
-                  compute_dtype, remat, warmup_ratio, weight_decay, max_grad_norm, resume, init_adapter, force,
-                  coordinator, num_processes, process_id, heartbeat_timeout):
+@settings_options(HostSettings, "hosts")
+def train_command(model, data, out, settings, resume, init_adapter, force, hosts):
     """Train a LoRA adapter on the base model in --model with the shards in --data, into OUT.
 
     On several hosts, run this same command on each (same OUT on a shared filesystem) with
     --coordinator, --num-processes and --process-id; see the README's "Several hosts"."""
-    from jora_model.parallel.distributed import DistributedSettings
-    from jora_model.model.lora import LoraSettings
-    from jora_model.training.trainer import TrainSettings
-
-    settings = TrainSettings(
-        lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets, rslora=rslora),
-        lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len, epochs=epochs,
-        max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints, mesh=mesh, compute_dtype=compute_dtype, remat=remat,
-        warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-    cluster = DistributedSettings(coordinator=coordinator, num_processes=num_processes, process_id=process_id,
-                                  heartbeat_timeout_s=heartbeat_timeout)
     result = train(model, data, out, settings, init_adapter=init_adapter, resume=resume, force=force,
-                   distributed=cluster)
+                   distributed=hosts.distributed())
     facts = result.manifest.get("facts", {})
     verb = "skipped (up to date)" if result.skipped else "trained"
     eval_loss = facts.get("eval_loss")

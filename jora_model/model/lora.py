@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from jora_model.model.config import LlamaConfig
-from jora_model.errors import JoraError
+from jora_model.schema import check_settings, setting
 from jora_model.formats.layout import LINEAR_NAMES, param_specs
 
 TRAINABLE_PREFIX = "lora_"
@@ -25,20 +25,18 @@ TRAINABLE_PREFIX = "lora_"
 
 @dataclasses.dataclass(frozen=True)
 class LoraSettings:
-    r: int = 16  # rank of the update B A
-    alpha: float = 16.0  # scale numerator: the update is multiplied by alpha / r
-    dropout: float = 0.05  # dropout on the adapter's input, training only
-    targets: tuple[str, ...] = ("q_proj", "v_proj")  # which linear layers get an adapter (PEFT's Llama default)
-    rslora: bool = False  # scale by alpha / sqrt(r) instead (rank-stabilised LoRA)
+    r: int = setting(16, "rank of the update B A", gt=0, label="LoRA rank", option="--lora-r")
+    alpha: float = setting(16.0, "scale numerator: the update is multiplied by alpha / r", gt=0, label="LoRA alpha",
+                           option="--lora-alpha")
+    dropout: float = setting(0.05, "dropout on the adapter's input, training only", ge=0, lt=1,
+                             label="LoRA dropout", option="--lora-dropout")
+    targets: tuple[str, ...] = setting(("q_proj", "v_proj"), "linear layers that get an adapter (PEFT's Llama "
+                                       "default: q_proj, v_proj): any of " + " ".join(LINEAR_NAMES),
+                                       choices=tuple(LINEAR_NAMES), label="LoRA targets")
+    rslora: bool = setting(False, "scale by alpha / sqrt(r) instead (rank-stabilised LoRA)")
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise JoraError(f"LoRA rank must be positive, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise JoraError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        unknown = sorted(set(self.targets) - set(LINEAR_NAMES))
-        if unknown or not self.targets:
-            raise JoraError(f"unknown LoRA targets {unknown or '(none)'}; choose from {', '.join(LINEAR_NAMES)}")
+        check_settings(self)
         object.__setattr__(self, "targets", tuple(t for t in LINEAR_NAMES if t in self.targets))
 
     @property

@@ -11,6 +11,7 @@ machine's measured peak for a large matmul in the same dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 import statistics
 import time
@@ -20,21 +21,23 @@ import numpy as np
 
 from jora_model.model.config import LlamaConfig, preset
 from jora_model.model.lora import LoraSettings, init_lora_params
+from jora_model.schema import same_as, setting
+from jora_model.training.settings import TrainSettings
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
-    preset: str = "small"
-    seq: int = 512
-    batch: int = 1
-    grad_accum: int = 1
-    steps: int = 10  # timed steps
-    warmup: int = 2  # untimed steps (compilation)
-    mesh: str = ""
-    compute_dtype: str = "bfloat16"
-    param_dtype: str = "bfloat16"
-    remat: str = "matmuls"  # remat.POLICIES
-    kernels: str = "auto"  # backends.KERNELS
+    preset: str = setting("small", "model shape: tiny, small, base110m, 7B, 13B or 70B")
+    seq: int = setting(512, "tokens per row", ge=8)
+    batch: int = setting(1, "rows per micro-batch", ge=1)
+    grad_accum: int = same_as(TrainSettings, "grad_accum", default=1)
+    steps: int = setting(10, "timed steps", ge=1)
+    warmup: int = setting(2, "untimed steps (compilation)", ge=0)
+    mesh: str = same_as(TrainSettings, "mesh")
+    compute_dtype: str = same_as(TrainSettings, "compute_dtype")
+    param_dtype: str = setting("bfloat16", "dtype of the frozen weights", choices=("bfloat16", "float32"))
+    remat: str = same_as(TrainSettings, "remat")
+    kernels: str = same_as(TrainSettings, "kernels")
     lora: LoraSettings = LoraSettings()
 
 
@@ -62,28 +65,32 @@ def matmul_peak_flops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / statistics.median(times)
 
 
-def random_frozen(config: LlamaConfig, mesh, dtype: str, seed: int = 0) -> dict:
-    """Random base weights, std 1/sqrt(fan_in), created on their devices already sharded; bf16 ones
-    layer weights as their bit patterns, as the trainer loads them (store.load_params(bits=True))."""
+def random_frozen(config: LlamaConfig, mesh, dtype: str, seed: int = 0, step_dtype=None) -> dict:
+    """Random base weights, std 1/sqrt(fan_in), created on their devices already sharded; with
+    `step_dtype` (a kernel set's frozen_dtype), in the dtypes the step takes them in, as the trainer
+    loads them (store.load_params)."""
     import jax
     import jax.numpy as jnp
 
     from jora_model.parallel import sharding
     from jora_model.formats.layout import param_specs
 
+    def make(key, shape, std, to):
+        x = jnp.ones(shape, dtype) if std is None else (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+        return jax.lax.bitcast_convert_type(x, to) if to != x.dtype else x
+
+    # one program per distinct (shape, scale, dtype, placement), the key an argument: a 7B model has
+    # hundreds of tensors but only a handful of shapes
+    programs: dict[Any, Any] = {}
     params: dict[str, dict[str, Any]] = {}
     key = jax.random.PRNGKey(seed)
     for i, spec in enumerate(param_specs(config)):
         target = sharding.param_sharding(mesh, spec.path, spec.shape)
-        if spec.name == "scale":
-            make = lambda shape=spec.shape: jnp.ones(shape, dtype)  # noqa: E731
-        else:
-            std = 1.0 if spec.name == "embeddings" else spec.shape[-2] ** -0.5
-            make = lambda k=jax.random.fold_in(key, i), shape=spec.shape, std=std: (  # noqa: E731
-                jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
-        if spec.step_dtype(dtype) != jnp.dtype(dtype):
-            make = lambda make=make, to=spec.step_dtype(dtype): jax.lax.bitcast_convert_type(make(), to)  # noqa: E731
-        params.setdefault(spec.module, {})[spec.name] = jax.jit(make, out_shardings=target)()
+        std = None if spec.name == "scale" else 1.0 if spec.name == "embeddings" else spec.shape[-2] ** -0.5
+        to = step_dtype(jnp.dtype(dtype), spec.stacked) if step_dtype else jnp.dtype(dtype)
+        program = programs.setdefault((tuple(spec.shape), std, str(to), target), jax.jit(
+            functools.partial(make, shape=tuple(spec.shape), std=std, to=to), out_shardings=target))
+        params.setdefault(spec.module, {})[spec.name] = program(jax.random.fold_in(key, i))
     return params
 
 
@@ -105,11 +112,11 @@ class PreparedStep:
         self.mesh = mesh = sharding.make_mesh(shape)
         optimizer = OptimizerSettings(total_steps=max(settings.steps + settings.warmup, 1))
         self.fns = fns = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype,
-                                             settings.remat, mesh=mesh)
+                                             settings.remat, mesh=mesh, kernels=settings.kernels)
         shape3 = (settings.grad_accum, settings.batch, settings.seq)
         # compiled before the weights exist, as the trainer does (see AheadOfTime.prepare)
         fns.train_step.prepare(*abstract_arguments(config, fns, mesh, shape3, settings.param_dtype))
-        self.frozen = random_frozen(config, mesh, settings.param_dtype)
+        self.frozen = random_frozen(config, mesh, settings.param_dtype, step_dtype=fns.frozen_dtype)
         lora = init_lora_params(config, settings.lora, 0)
         self.state = fns.init(jax.device_put(lora, fns.state_shardings.lora))
         rng = np.random.default_rng(0)
@@ -152,6 +159,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "preset": settings.preset, "seq": settings.seq, "batch": settings.batch, "grad_accum": settings.grad_accum,
         "mesh": str(prepared.mesh_shape), "devices": len(jax.devices()), "platform": device.platform,
         "compute_dtype": settings.compute_dtype, "param_dtype": settings.param_dtype, "remat": settings.remat,
+        "kernels": fns.kernels,
         "median_step_s": step_s, "min_step_s": min(times), "tokens_per_s": tokens / step_s,
         # CPU time of all this process's threads per step: on a shared machine it moves less with
         # other jobs than wall time does (contention stretches a step, not the work in it)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from jora_model.errors import JoraError
@@ -190,101 +191,121 @@ def build_app(base: Path):
     controller = Controller(base)
     # Ask a child process for the devices now, in the background, so the first Launch does not wait.
     threading.Thread(target=lambda: _quietly(checks.this_machine), daemon=True).start()
-    inputs: list[Any] = []
-    errors: list[Any] = []  # one hidden line under each field, shown when Launch finds it wrong
     with gr.Blocks(title="jora: LoRA fine-tuning") as page:
         gr.Markdown("# jora: LoRA fine-tuning of Llama\nConvert → tokenize → train → merge → export. "
                     "Stages whose inputs did not change are skipped. Paths are on this machine "
                     f"(relative ones start at `{base}`).")
         with gr.Row():
-            demo = gr.Button("Demo", elem_id="demo-button", variant="secondary")
-            launch = gr.Button("Launch", elem_id="launch-button", variant="primary")
-            stop = gr.Button("Stop", elem_id="stop-button", variant="stop")
-        note = gr.Markdown(elem_id="launch-note")  # what the last Launch or Stop press did
+            buttons = SimpleNamespace(
+                demo=gr.Button("Demo", elem_id="demo-button", variant="secondary"),
+                launch=gr.Button("Launch", elem_id="launch-button", variant="primary"),
+                stop=gr.Button("Stop", elem_id="stop-button", variant="stop"))
+        buttons.note = gr.Markdown(elem_id="launch-note")  # what the last Launch or Stop press did
         status = gr.Markdown("Idle: fill the form (or press **Demo**) and press **Launch**.", elem_id="run-status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                for title, members in controller.groups:
-                    with gr.Accordion(title, open=title not in ("Export",)):
-                        for field in members:
-                            label = field.name.split(".", 1)[-1] if "." in field.name else field.name
-                            inputs.append(_widget(gr, field, label))
-                            errors.append(_error_box(gr, field.name))
-                        if title == "Work directory":
-                            deployment = gr.Textbox(
-                                label="Prefect deployment", max_lines=1, elem_id="field-deployment",
-                                placeholder="finetune/NAME" if prefect_server() else "no Prefect server configured",
-                                interactive=bool(prefect_server()),
-                                info="empty: run here; FLOW/NAME: run through that deployment on "
-                                     f"{prefect_server() or 'the server in PREFECT_API_URL'}")
-                            deployment_error = _error_box(gr, "deployment")
+                form = _form_column(gr, controller)
             with gr.Column(scale=6):
-                stages = gr.Markdown(elem_id="stages")
-                step = gr.Markdown("Training has not started.", elem_id="train-step")
-                plot = gr.Plot(label="Loss", elem_id="loss-plot")
-                evals = gr.Markdown("no evaluation yet", elem_id="eval-losses")
-                log = gr.Textbox(label="Log (newest first)", lines=12, max_lines=12, autoscroll=False,
-                                 interactive=False, elem_id="log-tail")
-                with gr.Group():
-                    eval_loss = gr.Textbox(label="Final eval loss", interactive=False, elem_id="final-eval-loss")
-                    hf_model = gr.Textbox(label="Hugging Face model", interactive=False, elem_id="out-hf-model")
-                    peft_adapter = gr.Textbox(label="PEFT adapter", interactive=False, elem_id="out-peft-adapter")
-                    adapter = gr.Textbox(label="jora adapter (for jora generate --adapter)", interactive=False,
-                                         elem_id="out-adapter")
-                again = gr.Markdown(elem_id="run-again")
-                with gr.Accordion("Try a prompt on the trained model (jora generate)", open=True):
-                    prompt = gr.Textbox(label="Instruction", lines=2, elem_id="ask-prompt")
-                    context = gr.Textbox(label="Retrieved context (optional)", lines=2, elem_id="ask-context")
-                    max_new = gr.Number(label="max new tokens", value=64, precision=0, minimum=1)
-                    ask = gr.Button("Ask", elem_id="ask-button")
-                    answer = gr.Textbox(label="Answer", lines=4, interactive=False, elem_id="ask-answer")
-        seen = gr.State("")  # which metrics the plot shows (count and newest record): redraw on change only
-        timer = gr.Timer(1.0)
-
-        form = [*inputs, deployment]
-        error_boxes = [*errors, deployment_error]
-        names = [f.name for f in controller.fields] + ["deployment"]
-
-        def on_demo():
-            return [*controller.demo_values(), *(gr.update(value="", visible=False) for _ in error_boxes)]
-
-        def on_launch(*values):
-            # Checked here rather than with Gradio's validator=: its messages do not show on fields that an
-            # earlier event (Demo) filled, in Gradio 6.
-            try:
-                problems = controller.problems(list(values[:-1]), values[-1] or "")
-            except Exception as exc:  # a check that broke must not let a launch through unchecked
-                problems = {"workdir": f"could not check the settings ({type(exc).__name__}: {exc})"}
-            marks = [gr.update(value=f"⚠ {problems[name]}", visible=True) if name in problems
-                     else gr.update(value="", visible=False) for name in names]
-            if problems:
-                return [f"**Not launched**: fix the {len(problems)} setting(s) marked ⚠ "
-                        f"({', '.join(problems)}).", *marks]
-            try:
-                return [controller.launch(list(values[:-1]), values[-1] or ""), *marks]
-            except JoraError as exc:
-                return [f"**Not launched**: {exc}", *marks]
-
-        def on_tick(shown: str):
-            snap = controller.snapshot()
-            metrics = snap.get("metrics", [])
-            key = repr((len(metrics), metrics[-1] if metrics else None))
-            plot_update = _loss_figure(metrics) if key != shown else gr.skip()
-            done = snap.get("run_status") == "succeeded"
-            return (snap["status"], snap.get("stages", ""), snap.get("step", "Training has not started."),
-                    snap.get("evals", "no evaluation yet"), snap.get("log", ""), plot_update, key,
-                    snap.get("eval_loss", "") if done else "", snap.get("hf_model", "") if done else "",
-                    snap.get("peft_adapter", "") if done else "", snap.get("adapter", "") if done else "",
-                    snap.get("again", ""))
-
-        demo.click(on_demo, outputs=[*inputs, *error_boxes])
-        launch.click(on_launch, inputs=form, outputs=[note, *error_boxes])
-        stop.click(controller.stop, outputs=note)
-        ask.click(controller.ask, inputs=[inputs[0], prompt, context, max_new], outputs=answer)
-        timer.tick(on_tick, inputs=seen, outputs=[status, stages, step, evals, log, plot, seen, eval_loss, hf_model,
-                                                  peft_adapter, adapter, again], show_progress="hidden",
-                   concurrency_limit=1)  # one at a time: a late older tick must not overwrite a newer one
+                shown = _progress_column(gr, status)
+        _wire_events(gr, controller, buttons, form, shown)
     return page
+
+
+def _form_column(gr, controller: Controller) -> SimpleNamespace:
+    """One widget per setting, group by group, each with a hidden error line under it; and the box
+    naming a Prefect deployment to run through."""
+    form = SimpleNamespace(inputs=[], errors=[])
+    for title, members in controller.groups:
+        with gr.Accordion(title, open=title not in ("Export",)):
+            for field in members:
+                label = field.name.split(".", 1)[-1] if "." in field.name else field.name
+                form.inputs.append(_widget(gr, field, label))
+                form.errors.append(_error_box(gr, field.name))
+            if title == "Work directory":
+                form.deployment = gr.Textbox(
+                    label="Prefect deployment", max_lines=1, elem_id="field-deployment",
+                    placeholder="finetune/NAME" if prefect_server() else "no Prefect server configured",
+                    interactive=bool(prefect_server()),
+                    info="empty: run here; FLOW/NAME: run through that deployment on "
+                         f"{prefect_server() or 'the server in PREFECT_API_URL'}")
+                form.deployment_error = _error_box(gr, "deployment")
+    return form
+
+
+def _progress_column(gr, status) -> SimpleNamespace:
+    """The run's stages, loss curve, log, outputs, and the box to ask the trained model (with the status
+    line above the columns, which the timer updates with them)."""
+    shown = SimpleNamespace(status=status)
+    shown.stages = gr.Markdown(elem_id="stages")
+    shown.step = gr.Markdown("Training has not started.", elem_id="train-step")
+    shown.plot = gr.Plot(label="Loss", elem_id="loss-plot")
+    shown.evals = gr.Markdown("no evaluation yet", elem_id="eval-losses")
+    shown.log = gr.Textbox(label="Log (newest first)", lines=12, max_lines=12, autoscroll=False,
+                           interactive=False, elem_id="log-tail")
+    with gr.Group():
+        shown.eval_loss = gr.Textbox(label="Final eval loss", interactive=False, elem_id="final-eval-loss")
+        shown.hf_model = gr.Textbox(label="Hugging Face model", interactive=False, elem_id="out-hf-model")
+        shown.peft_adapter = gr.Textbox(label="PEFT adapter", interactive=False, elem_id="out-peft-adapter")
+        shown.adapter = gr.Textbox(label="jora adapter (for jora generate --adapter)", interactive=False,
+                                   elem_id="out-adapter")
+    shown.again = gr.Markdown(elem_id="run-again")
+    with gr.Accordion("Try a prompt on the trained model (jora generate)", open=True):
+        shown.prompt = gr.Textbox(label="Instruction", lines=2, elem_id="ask-prompt")
+        shown.context = gr.Textbox(label="Retrieved context (optional)", lines=2, elem_id="ask-context")
+        shown.max_new = gr.Number(label="max new tokens", value=64, precision=0, minimum=1)
+        shown.ask = gr.Button("Ask", elem_id="ask-button")
+        shown.answer = gr.Textbox(label="Answer", lines=4, interactive=False, elem_id="ask-answer")
+    return shown
+
+
+def _wire_events(gr, controller: Controller, buttons: SimpleNamespace, form: SimpleNamespace,
+                 shown: SimpleNamespace) -> None:
+    seen = gr.State("")  # which metrics the plot shows (count and newest record): redraw on change only
+    timer = gr.Timer(1.0)
+    error_boxes = [*form.errors, form.deployment_error]
+    names = [f.name for f in controller.fields] + ["deployment"]
+
+    def on_demo():
+        return [*controller.demo_values(), *(gr.update(value="", visible=False) for _ in error_boxes)]
+
+    def on_launch(*values):
+        # Checked here rather than with Gradio's validator=: its messages do not show on fields that an
+        # earlier event (Demo) filled, in Gradio 6.
+        try:
+            problems = controller.problems(list(values[:-1]), values[-1] or "")
+        except Exception as exc:  # a check that broke must not let a launch through unchecked
+            problems = {"workdir": f"could not check the settings ({type(exc).__name__}: {exc})"}
+        marks = [gr.update(value=f"⚠ {problems[name]}", visible=True) if name in problems
+                 else gr.update(value="", visible=False) for name in names]
+        if problems:
+            return [f"**Not launched**: fix the {len(problems)} setting(s) marked ⚠ "
+                    f"({', '.join(problems)}).", *marks]
+        try:
+            return [controller.launch(list(values[:-1]), values[-1] or ""), *marks]
+        except JoraError as exc:
+            return [f"**Not launched**: {exc}", *marks]
+
+    def on_tick(seen_key: str):
+        snap = controller.snapshot()
+        metrics = snap.get("metrics", [])
+        key = repr((len(metrics), metrics[-1] if metrics else None))
+        plot_update = _loss_figure(metrics) if key != seen_key else gr.skip()
+        done = snap.get("run_status") == "succeeded"
+        return (snap["status"], snap.get("stages", ""), snap.get("step", "Training has not started."),
+                snap.get("evals", "no evaluation yet"), snap.get("log", ""), plot_update, key,
+                snap.get("eval_loss", "") if done else "", snap.get("hf_model", "") if done else "",
+                snap.get("peft_adapter", "") if done else "", snap.get("adapter", "") if done else "",
+                snap.get("again", ""))
+
+    buttons.demo.click(on_demo, outputs=[*form.inputs, *error_boxes])
+    buttons.launch.click(on_launch, inputs=[*form.inputs, form.deployment], outputs=[buttons.note, *error_boxes])
+    buttons.stop.click(controller.stop, outputs=buttons.note)
+    shown.ask.click(controller.ask, inputs=[form.inputs[0], shown.prompt, shown.context, shown.max_new],
+                    outputs=shown.answer)
+    timer.tick(on_tick, inputs=seen, outputs=[shown.status, shown.stages, shown.step, shown.evals, shown.log,
+                                              shown.plot, seen, shown.eval_loss, shown.hf_model, shown.peft_adapter,
+                                              shown.adapter, shown.again], show_progress="hidden",
+               concurrency_limit=1)  # one at a time: a late older tick must not overwrite a newer one
 
 
 def _quietly(fn, fallback=None):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from jora_model.model.config import LlamaConfig, read_hf_config, read_meta_params
 from jora_model.errors import JoraError
-from pipeline.settings import FinetuneSettings
+from pipeline.settings import FinetuneSettings, build
 
 
 def _reason(exc: JoraError) -> str:
@@ -164,12 +164,12 @@ def _check_memory(settings: FinetuneSettings, config: LlamaConfig, mesh, device_
     from jora_model.model.lora import LoraSettings
     from jora_model.training.memory_plan import plan_memory
 
-    t, lora = settings.train, settings.lora
+    t = settings.train
     plan = plan_memory(config, seq_len=settings.data.max_seq_len, batch_size=t.batch_size, mesh=mesh,
-                       lora=LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                         targets=tuple(lora.targets), rslora=lora.rslora),
-                       remat=t.remat, param_dtype={"bf16": "bfloat16", "fp32": "float32"}[settings.model.dtype],
-                       device_memory=device_memory, grad_accum=t.grad_accum)
+                       lora=build(LoraSettings, settings.lora), remat=t.remat,
+                       param_dtype={"bf16": "bfloat16", "fp32": "float32"}[settings.model.dtype],
+                       device_memory=device_memory, grad_accum=t.grad_accum,
+                       kernels="cpu" if t.kernels == "auto" else t.kernels)  # as jora plan counts auto
     if plan.fits is False:
         errors["train.mesh"] = (f"does not fit: about {plan.total_bytes_per_device / 2 ** 30:.1f} GiB per device "
                                 f"with {mesh}, batch {t.batch_size} of {settings.data.max_seq_len} tokens, but a "

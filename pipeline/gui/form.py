@@ -1,26 +1,22 @@
 """The GUI's form: every FinetuneSettings field, grouped as the page shows them, and the conversion
 between what the widgets hold and a validated FinetuneSettings.
 
-The fields are read from the pydantic models in pipeline/settings.py, so a setting added there appears
-on the page (in its section's group) without touching the GUI. Help texts come from the comments of
-pipeline/finetune.example.yaml, which documents every field.
+The fields are read from the pydantic models in pipeline/settings.py, which are made from the settings'
+own definitions (jora_model.schema): a setting added there appears on the page (in its section's group)
+with its default, choices and help, without touching the GUI.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from jora_model.formats.layout import LINEAR_NAMES
+from jora_model.schema import unwrap
 from pipeline.settings import FinetuneSettings, set_dotted
-
-EXAMPLE_YAML = Path(__file__).resolve().parents[1] / "finetune.example.yaml"
 
 # Page groups: (title, setting names or section prefixes). The mesh (and the multi-host settings that
 # say which devices it spans) has its own group because it is the setting most likely to be wrong on a
@@ -35,9 +31,6 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "train.heartbeat_timeout")),
     ("Export", ("export.",)),
 )
-# Multiple-choice lists: which values a list field may hold.
-LIST_CHOICES = {"lora.targets": tuple(LINEAR_NAMES)}
-
 Kind = Literal["text", "int", "float", "bool", "choice", "multi"]
 
 
@@ -48,62 +41,32 @@ class FormField:
     default: Any  # the seed's default, as the widget holds it ("" / None for an unset optional)
     optional: bool  # blank means None (model.tokenizer, train.max_steps)
     choices: tuple[str, ...]  # the allowed values of a choice or multi field
-    help: str  # one line: the example YAML's comment, or the field's description
+    help: str  # one line: the setting's help
 
 
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """(the type without `| None`, whether None is allowed)."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return annotation, False
-
-
-def _kind(name: str, annotation: Any) -> tuple[Kind, tuple[str, ...]]:
+def _kind(annotation: Any) -> tuple[Kind, tuple[str, ...]]:
     if typing.get_origin(annotation) is Literal:
         return "choice", tuple(str(a) for a in typing.get_args(annotation))
     if typing.get_origin(annotation) is list:
-        return "multi", LIST_CHOICES.get(name, ())
+        (item,) = typing.get_args(annotation)
+        return "multi", tuple(str(a) for a in typing.get_args(item)) if typing.get_origin(item) is Literal else ()
     return {bool: "bool", int: "int", float: "float"}.get(annotation, "text"), ()
-
-
-def example_comments(path: Path = EXAMPLE_YAML) -> dict[str, str]:
-    """Dotted name -> the comment after it in the example YAML (the documented meaning of each field)."""
-    comments: dict[str, str] = {}
-    section = ""
-    if not path.is_file():
-        return comments
-    for line in path.read_text(encoding="utf-8").splitlines():
-        match = re.match(r"^(\s*)([A-Za-z_]+):\s*([^#]*?)\s*(?:#\s*(.*))?$", line)
-        if not match:
-            continue
-        indent, key, value, comment = match.groups()
-        if not indent:
-            section = key if not value else ""
-            name = key
-        else:
-            name = f"{section}.{key}"
-        if comment:
-            comments[name] = comment
-    return comments
 
 
 def form_fields() -> list[FormField]:
     """Every setting, in the order of settings.py."""
-    comments = example_comments()
     fields: list[FormField] = []
 
     def walk(model: type[BaseModel], prefix: str, defaults: BaseModel) -> None:
         for key, info in model.model_fields.items():
-            annotation, optional = _unwrap(info.annotation)
+            annotation, optional = unwrap(info.annotation)
             name = prefix + key
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, name + ".", getattr(defaults, key))
                 continue
-            kind, choices = _kind(name, annotation)
+            kind, choices = _kind(annotation)
             fields.append(FormField(name, kind, _to_widget(kind, getattr(defaults, key)), optional, choices,
-                                    comments.get(name) or info.description or ""))
+                                    info.description or ""))
 
     walk(FinetuneSettings, "", FinetuneSettings())
     return fields
