@@ -172,8 +172,49 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
     same `out_dir` on a shared filesystem and all running `build` together. Process 0 alone clears
     stale work, writes the manifest and moves the result into place; the others wait for it and
     return what it wrote. Each process holds its own lock file, so two runs still exclude each other."""
-    leader = team is None or team.is_leader
     out_dir = Path(out_dir).absolute()
+    plan = _plan(stage, code_version, out_dir, inputs, settings, force, upstream, team)
+    if isinstance(plan, StageResult):
+        return plan
+    leader = team is None or team.is_leader
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if leader:
+        _sweep_partials(out_dir)
+    tmp, lock = _open_work_directory(stage, out_dir, plan.key, force, resumable, team)
+    try:
+        facts = build(tmp) or {}
+        if lock is not None:
+            Path(lock.name).unlink(missing_ok=True)  # the open handle keeps the lock until we are done
+        if not leader:
+            return _follow(stage, out_dir, plan.key, team)
+        manifest = _publish(stage, code_version, out_dir, tmp, settings, plan, facts, team)
+    except OSError as exc:
+        _drop_unless_kept(tmp, leader, resumable)
+        if exc.errno == errno.ENOSPC:
+            raise JoraError(f"no space left on the device while writing {stage} output; "
+                            "the previous output is untouched", out_dir) from None
+        raise
+    except BaseException:
+        _drop_unless_kept(tmp, leader, resumable)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+    log.info("%s: wrote %s in %.1f s", stage, out_dir, manifest["seconds"])
+    return StageResult(stage, out_dir, False, plan.key, manifest)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A stage that has to be built: its cache key and the input hashes behind it."""
+    key: str
+    hashed: dict[str, dict[str, Any]]
+    started: float  # time.monotonic() when the work began, for the manifest's seconds
+
+
+def _plan(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Path], settings: dict[str, Any],
+          force: bool, upstream: dict[str, str] | None, team: Any) -> _Plan | StageResult:
+    """The cache key, and the finished result when `out_dir` already holds it."""
     previous = _check_ours(out_dir, stage)
     started = time.monotonic()
     hashed = hash_inputs(inputs, previous)
@@ -189,71 +230,67 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
         return StageResult(stage, out_dir, True, key, previous)
     if previous and previous.get("key") == key and not force:
         log.info("%s: output files in %s are missing or changed; rebuilding", stage, out_dir)
+    return _Plan(key, hashed, started)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if leader:
-        _sweep_partials(out_dir)
-    if resumable:
-        tmp = work_directory(out_dir, key)
-        if leader:
-            if force:
-                shutil.rmtree(tmp, ignore_errors=True)
-            for stale in out_dir.parent.glob(f".{out_dir.name}.work-*"):
-                if stale != tmp:
-                    log.info("%s: removing %s (made with other inputs or settings)", stage, stale.name)
-                    shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(exist_ok=True)
-        if team is not None:
-            team.barrier(f"jora {stage}: work directory ready")
-        lock = _lock(tmp, team)
-    else:
+
+def _open_work_directory(stage: str, out_dir: Path, key: str, force: bool, resumable: bool, team: Any):
+    """Where `build` writes, and the lock held on it (None for a private partial directory)."""
+    leader = team is None or team.is_leader
+    if not resumable:
         if team is not None and team.several:
             raise ValueError("a stage run by several processes must be resumable (a work directory by key)")
         tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        lock = None
-    try:
-        facts = build(tmp) or {}
-        if lock is not None:
-            Path(lock.name).unlink(missing_ok=True)  # the open handle keeps the lock until we are done
-        if not leader:
-            team.barrier(f"jora {stage}: built")
-            team.barrier(f"jora {stage}: in place")  # process 0 wrote the manifest and moved it
-            manifest = read_manifest(out_dir)
-            if manifest is None or manifest.get("key") != key:
-                raise JoraError("process 0 did not leave the finished output here (is the directory on a "
-                                "filesystem every process shares?)", out_dir)
-            return StageResult(stage, out_dir, False, key, manifest)
-        if team is not None:
-            team.barrier(f"jora {stage}: built")
-        manifest = {
-            "stage": stage, "key": key, "build": uuid.uuid4().hex, "code_version": code_version,
-            "settings": settings,
-            "inputs": hashed, "outputs": _list_outputs(tmp), "facts": facts,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.monotonic() - started, 3),
-        }
-        _write_json_durably(tmp / MANIFEST, manifest)
-        _move_into_place(tmp, out_dir)
-        if team is not None:
-            team.barrier(f"jora {stage}: in place")
-    except OSError as exc:
-        if leader and (not resumable or not any(not p.name.startswith(".lock") for p in tmp.iterdir())):
+        return tmp, None
+    tmp = work_directory(out_dir, key)
+    if leader:
+        if force:
             shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise JoraError(f"no space left on the device while writing {stage} output; "
-                            "the previous output is untouched", out_dir) from None
-        raise
-    except BaseException:
-        # A resumable stage keeps its work (checkpoints) for the next run, unless it wrote nothing.
-        if leader and (not resumable or not any(not p.name.startswith(".lock") for p in tmp.iterdir())):
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if lock is not None:
-            lock.close()
-    log.info("%s: wrote %s in %.1f s", stage, out_dir, manifest["seconds"])
+        for stale in out_dir.parent.glob(f".{out_dir.name}.work-*"):
+            if stale != tmp:
+                log.info("%s: removing %s (made with other inputs or settings)", stage, stale.name)
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(exist_ok=True)
+    if team is not None:
+        team.barrier(f"jora {stage}: work directory ready")
+    return tmp, _lock(tmp, team)
+
+
+def _follow(stage: str, out_dir: Path, key: str, team: Any) -> StageResult:
+    """A process other than 0: wait while process 0 writes the manifest and moves the output in."""
+    team.barrier(f"jora {stage}: built")
+    team.barrier(f"jora {stage}: in place")
+    manifest = read_manifest(out_dir)
+    if manifest is None or manifest.get("key") != key:
+        raise JoraError("process 0 did not leave the finished output here (is the directory on a "
+                        "filesystem every process shares?)", out_dir)
     return StageResult(stage, out_dir, False, key, manifest)
+
+
+def _publish(stage: str, code_version: str, out_dir: Path, tmp: Path, settings: dict[str, Any], plan: _Plan,
+             facts: dict[str, Any], team: Any) -> dict[str, Any]:
+    """Write the manifest last and move the finished directory into place; returns the manifest."""
+    if team is not None:
+        team.barrier(f"jora {stage}: built")
+    manifest = {
+        "stage": stage, "key": plan.key, "build": uuid.uuid4().hex, "code_version": code_version,
+        "settings": settings,
+        "inputs": plan.hashed, "outputs": _list_outputs(tmp), "facts": facts,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - plan.started, 3),
+    }
+    _write_json_durably(tmp / MANIFEST, manifest)
+    _move_into_place(tmp, out_dir)
+    if team is not None:
+        team.barrier(f"jora {stage}: in place")
+    return manifest
+
+
+def _drop_unless_kept(tmp: Path, leader: bool, resumable: bool) -> None:
+    """After a failure: a resumable stage keeps its work (checkpoints) for the next run, unless it
+    wrote nothing; a partial directory always goes."""
+    if leader and (not resumable or not any(not p.name.startswith(".lock") for p in tmp.iterdir())):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def work_directory(out_dir: Path, key: str) -> Path:
