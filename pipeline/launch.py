@@ -1,13 +1,12 @@
 """The `jora` console entry: the process's allocator setting, then the click group (cli.py).
 
-XLA's CPU runtime allocates a step's temporaries afresh on every call (84 MiB at `small`, 145 MiB
-at base110m, seq 512), and glibc serves allocations that large with a new mmap and returns them
-with munmap. So every training step first-touched 21-37 thousand fresh 4 KiB pages: 50-100 ms of
-kernel time per step on a 2-core VM (a sixth to a quarter of a core at small). With glibc's
-`glibc.malloc.hugetlb=1` tunable those mappings get transparent huge pages (madvise mode): a few
-hundred faults per step, the same peak RSS. glibc reads its tunables only when a process starts, so
-the entry re-executes itself once with the tunable added to GLIBC_TUNABLES, before anything heavy
-is imported; `jora deploy`'s flow runs inherit it. JORA_HUGE_PAGES=0 turns this off.
+XLA's CPU runtime allocates a step's temporaries afresh on every call, and glibc serves allocations
+that large with a new mmap and returns them with munmap, so every training step first-touches tens of
+thousands of fresh 4 KiB pages, a noticeable share of a step's kernel time (benchmarks/RESULTS.md).
+With glibc's `glibc.malloc.hugetlb=1` tunable those mappings get transparent huge pages (madvise
+mode): a few hundred faults per step, the same peak RSS. glibc reads its tunables only when a process
+starts, so the entry re-executes itself once with the tunable added to GLIBC_TUNABLES, before
+anything heavy is imported; `jora deploy`'s flow runs inherit it. JORA_HUGE_PAGES=0 turns this off.
 """
 
 from __future__ import annotations
