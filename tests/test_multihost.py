@@ -217,10 +217,8 @@ def test_no_coordinator_is_one_line_after_the_join_timeout():
     """A process that cannot reach process 0 says so (JAX itself would abort with a C++ fatal error)."""
     code = ("from jora_model.parallel.distributed import DistributedSettings, initialize\n"
             f"initialize(DistributedSettings('127.0.0.1:{free_port()}', 2, 1, init_timeout_s=2))")
-    started = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "JoraError: no coordinator answered at 127.0.0.1:" in out.stderr, out.stderr
-    assert time.monotonic() - started < 30
 
 
 def test_distributed_settings_need_all_three_flags_and_sane_values():

@@ -6,7 +6,7 @@ import json
 import random
 import subprocess
 import sys
-import time
+
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from jora_model.data.alpaca import AlpacaConfig, TEMPLATES, generate_alpaca_data
 from jora_model.data.tokenizer import Tokenizer
 from pipeline.cli import cli
 from stages.tokenize import TokenizeSettings, tokenize
-from tests.test_convert_stage import assert_clean_failure, no_leftovers
+from tests.test_convert_stage import assert_clean_failure, file_identities, no_leftovers
 
 MAX = 512
 JORA = Path(sys.executable).with_name("jora")
@@ -177,10 +177,10 @@ def test_cli_report_and_fast_skip(tmp_path, tokenizer_model):
     first = subprocess.run(args, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     assert "examples in: 31" in first.stdout and "dropped: 3 response longer than max_seq_len" in first.stdout
-    started = time.monotonic()
+    before = file_identities(tmp_path / "out")
     second = subprocess.run(args, capture_output=True, text=True)
     assert second.returncode == 0 and "skipped" in second.stdout
-    assert time.monotonic() - started < 3.0
+    assert file_identities(tmp_path / "out") == before  # nothing re-tokenized or rewritten
 
 
 def test_tokenizer_from_a_parameter_store(tmp_path, tokenizer_model):

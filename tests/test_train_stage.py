@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from tests.test_convert_stage import assert_clean_failure
+from stages.base import MANIFEST
+from tests.test_convert_stage import assert_clean_failure, file_identities
 from tests.train_helpers import tiny_data, tiny_store
 
 JORA = Path(sys.executable).with_name("jora")
@@ -50,10 +51,13 @@ def test_train_writes_everything_and_skips_when_done(inputs, tmp_path):
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     store_manifest = json.loads((store / "jora-manifest.json").read_text())
     assert meta["lora"]["r"] == 4 and meta["base_hash"] == f"{store_manifest['key']}.{store_manifest['build']}"
-    started = time.monotonic()
-    second = subprocess.run(_train(store, data, out), capture_output=True, text=True)
-    assert second.returncode == 0 and "skipped" in second.stdout and time.monotonic() - started < 5
     assert not list(tmp_path.glob(".run.work-*"))  # the work directory became the output
+    before, manifest = file_identities(out), (out / MANIFEST).read_bytes()
+    second = subprocess.run(_train(store, data, out), capture_output=True, text=True)
+    assert second.returncode == 0 and "skipped" in second.stdout, second.stderr
+    assert "trained:" not in second.stdout  # no training ran ...
+    assert file_identities(out) == before and (out / MANIFEST).read_bytes() == manifest  # ... nothing was rewritten
+    assert not list(tmp_path.glob(".run.*"))  # ... and no work directory was made
 
 
 def test_kill_and_resume_gives_a_bitwise_identical_adapter(inputs, tmp_path):
