@@ -1,39 +1,40 @@
 #!/usr/bin/env bash
-# On a GPU machine, from the repo root: check correctness on the GPU, then time a LoRA step on
-# Llama-2-7B-shaped random weights (seq 512, batch 1) with `jora bench` against Hugging Face PEFT
-# (bf16, sdpa) on the same GPU, recording host peak RSS and device peak memory per configuration.
-# Everything lands in $OUT if set (the device tool's output folder), else ./gpu-results/:
-#   env.txt        python, package versions, jax devices, nvidia-smi
-#   pytest.log     the correctness check
-#   runs.jsonl     one JSON line per run: `jora bench`'s own line, or the PEFT child's, plus the harness's
-#                  ru_maxrss / CPU / wall / load fields
-#   summary.json   medians and ratios;  section.md: the table as benchmarks/RESULTS.md would show it
-#   logs.tgz       every child's stdout/stderr;  gpu.log: this script's whole output
-# (at most 8 files: the device tool brings back no more.)
+# On a GPU machine, from the repo root, in at most 10 minutes: a smoke test (at most 60 s), then one timed
+# comparison at Llama-2-7B shape, seq 512 and 2048, batch 1, of jora's LoRA step (portable and cpu kernel
+# sets) against Hugging Face PEFT (bf16, sdpa; eager, then torch.compile when the time allows), with
+# step time, tokens/s, MFU against the device's datasheet bf16 peak, device memory after load and at
+# peak, and a jax.profiler trace of the portable run. benchmarks/gpu_bench.py does the work and keeps to
+# the deadline (what would not fit is skipped and said so). Results land in $OUT if set (the device
+# tool's output folder), else ./gpu-results/: env.txt, runs.jsonl, summary.json, section.md (the table
+# for benchmarks/RESULTS.md), trace.tgz, logs.tgz (every child's output), gpu.log (all of this output).
 #
-# Python environment, chosen in this order:
-#   1. $PYTHON if set;
-#   2. the machine's python3 when it already has JAX with a GPU backend and CUDA torch. The lent
-#      H100/H200 image has that (jax 0.11 + jax-cuda13 plugin, torch cu130, transformers, peft,
-#      pytest) but no network, so the pure-Python packages it lacks (dm-haiku, jmp; optax pinned to
-#      the version tested here) come as wheels: fetch them once on a machine with network with
+# Python environment, in this order:
+#   1. $PYTHON (and $TORCH_PYTHON for the PEFT side, default $PYTHON) if set;
+#   2. the machine's python3 when it already has JAX with a GPU backend and CUDA torch, as the lent
+#      H100/H200 image has (jax 0.11 + jax-cuda13-plugin, torch cu130, transformers, peft). Its JAX is
+#      not the one tested here (0.10.2), but jaxlib and the CUDA plugin (82 + 126 MiB of wheels) cannot
+#      travel in the device tool's 64 MiB, so env.txt and section.md say which versions ran (DRY_RUN
+#      passed with jax 0.11.2 on the CPU). It has no network: the pure-Python packages it lacks come as
+#      wheels, fetched once on a machine with network by
 #          bash benchmarks/gpu.sh --fetch-wheels        # -> build/gpu-wheels (ignored by git)
-#      and carry that folder, e.g. device run: command "bash benchmarks/gpu.sh",
-#      carry ["build/gpu-wheels"], timeout_s 600 (it ends itself
-#      within about 10 minutes at worst; about 5-6 expected). They are installed with pip --no-index into
-#      /tmp/jora-site, and the repo is used in place (PYTHONPATH), not pip-installed;
-#   3. otherwise (a GPU machine with network): a venv in .venv-gpu with `pip install -e '.[test]'`
-#      and `pip install -U "jax[cuda12]"`.
+#      and carried: device run, command "bash benchmarks/gpu.sh", carry ["build/gpu-wheels"],
+#      timeout_s 600. They go into /tmp/jora-site; the repo is used in place (PYTHONPATH);
+#   3. otherwise (a fresh GPU machine with network): two venvs, so that torch's CUDA libraries never
+#      shadow JAX's: .venv-gpu with JAX pinned to the version tested here and its CUDA plugin for the
+#      driver (cuda13 from driver 580 on, else cuda12), and .venv-gpu-torch with CUDA torch,
+#      transformers and peft. The install counts against the 10 minutes.
 #
-# Knobs (environment): PRESET (7B), ROUNDS (1), STEPS (10), WARMUP (3), PEFT_DTYPES ("bf16"),
-# OURS ("bf16,bf16,matmuls bf16,bf16,layer"), TESTS (the two test files below),
-# DRY_RUN=1 (CPU rehearsal: preset tiny, PEFT on cpu, no GPU checks; e.g.
-# DRY_RUN=1 PYTHON=.venv/bin/python bash benchmarks/gpu.sh).
+# Knobs (environment): PRESET (7B), SEQS ("512 2048"), STEPS (10), WARMUP (3), BUDGET (560 s from the
+# start, installs included), DRY_RUN=1 (a CPU rehearsal of all of it: preset tiny, SEQS "128 512", 3
+# steps, PEFT on the CPU, no nvidia-smi, BUDGET 240, the project's .venv).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
+START=$(date +%s)
 WHEELS=build/gpu-wheels
 WHEEL_PINS=(dm-haiku==0.0.17 jmp==0.0.4 optax==0.2.8)
+JAX_VERSION=0.10.2  # the versions tested here, for route 3
+TORCH_PINS=(torch==2.13.0 transformers==5.25.0 peft==0.21.2)
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     mkdir -p "$WHEELS"
@@ -44,98 +45,62 @@ fi
 
 RES=${OUT:-$REPO/gpu-results}
 mkdir -p "$RES"
-WORK=$(mktemp -d /tmp/jora-gpu.XXXXXX)
-START=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - START )) s] $*"; }
+gpu_ready() {  # JAX sees a GPU and torch sees CUDA
+    "$1" -c 'import jax, torch; assert jax.default_backend() == "gpu" and torch.cuda.is_available()' 2>/dev/null
+}
 
 main() {
-DRY_RUN=${DRY_RUN:-0}
-if [[ "$DRY_RUN" == 1 ]]; then
-    PRESET=${PRESET:-tiny}; DEVICE=cpu; STEPS=${STEPS:-2}; WARMUP=${WARMUP:-1}
-    TESTS=${TESTS:-tests/test_lora.py}
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    PRESET=${PRESET:-tiny}; SEQS=${SEQS:-128 512}; STEPS=${STEPS:-3}; WARMUP=${WARMUP:-1}; BUDGET=${BUDGET:-240}
+    DEVICE=cpu
+    PY=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 else
-    PRESET=${PRESET:-7B}; DEVICE=cuda; STEPS=${STEPS:-10}; WARMUP=${WARMUP:-3}
-    TESTS=${TESTS:-tests/test_lora.py tests/test_convert_parity.py}
-fi
-ROUNDS=${ROUNDS:-1}
-PEFT_DTYPES=${PEFT_DTYPES:-bf16}
-OURS=${OURS:-bf16,bf16,matmuls bf16,bf16,layer}
-
-# --- environment -------------------------------------------------------------------------------
-stamp "choosing the Python environment"
-gpu_ready() {  # JAX sees a GPU and torch sees CUDA
-    "$1" - <<'EOF' 2>/dev/null
-import jax, torch
-assert jax.default_backend() == "gpu", jax.default_backend()
-assert torch.cuda.is_available()
-EOF
-}
-if [[ -n "${PYTHON:-}" ]]; then
-    PY=$PYTHON
-elif command -v python3 >/dev/null && gpu_ready python3; then
-    PY=python3
-    if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-        stamp "installing the carried wheels from $WHEELS into /tmp/jora-site"
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/jora-site "$WHEELS"/*.whl || { echo "wheel install failed"; exit 1; }
-        export PYTHONPATH=/tmp/jora-site${PYTHONPATH:+:$PYTHONPATH}
-    elif ! "$PY" -c "import haiku" 2>/dev/null; then
-        stamp "no $WHEELS and no haiku: trying pip (needs network)"
-        "$PY" -m pip install -q --target /tmp/jora-site "${WHEEL_PINS[@]}" || {
-            echo "dm-haiku is missing and cannot be installed here: run 'bash benchmarks/gpu.sh --fetch-wheels'"
-            echo "on a machine with network and carry $WHEELS"; exit 1; }
-        export PYTHONPATH=/tmp/jora-site${PYTHONPATH:+:$PYTHONPATH}
+    PRESET=${PRESET:-7B}; SEQS=${SEQS:-512 2048}; STEPS=${STEPS:-10}; WARMUP=${WARMUP:-3}; BUDGET=${BUDGET:-560}
+    DEVICE=cuda
+    if [[ -n "${PYTHON:-}" ]]; then
+        PY=$PYTHON
+    elif gpu_ready python3; then
+        PY=python3
+        stamp "using the machine's python3 ($(command -v python3)): it has JAX on the GPU and CUDA torch"
+        if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+            pip_args=(--no-index "$WHEELS"/*.whl)
+        elif ! python3 -c "import haiku, jmp" 2>/dev/null; then
+            pip_args=("${WHEEL_PINS[@]}")  # needs network
+        fi
+        if [[ -n "${pip_args[*]:-}" ]]; then
+            stamp "installing ${pip_args[*]} into /tmp/jora-site"
+            python3 -m pip install -q --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/jora-site \
+                "${pip_args[@]}" || { echo "cannot install dm-haiku, jmp, optax: run 'bash benchmarks/gpu.sh" \
+                "--fetch-wheels' on a machine with network and carry $WHEELS"; exit 1; }
+            export PYTHONPATH=/tmp/jora-site${PYTHONPATH:+:$PYTHONPATH}
+        fi
+    else
+        command -v nvidia-smi >/dev/null || { echo "no nvidia-smi here (DRY_RUN=1 rehearses on the CPU)"; exit 1; }
+        driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1)
+        cuda=$([[ ${driver%%.*} -ge 580 ]] && echo 13 || echo 12)  # CUDA 13 needs driver 580 or later
+        stamp "installing JAX $JAX_VERSION with the cuda$cuda plugin (driver $driver) and CUDA torch, in two venvs"
+        # PyPI's torch is built for CUDA 13; for an older driver take a CUDA 12 build from PyTorch's index
+        torch_index=$([[ $cuda == 12 ]] && echo --extra-index-url \
+            "${TORCH_CUDA12_INDEX:-https://download.pytorch.org/whl/cu128}")
+        { python3 -m venv .venv-gpu \
+            && .venv-gpu/bin/pip install -q "jax[cuda$cuda]==$JAX_VERSION" "${WHEEL_PINS[@]}" pyarrow \
+            && python3 -m venv .venv-gpu-torch \
+            && .venv-gpu-torch/bin/pip install -q "${TORCH_PINS[@]}" $torch_index; } \
+            || { echo "install failed"; exit 1; }
+        PY=.venv-gpu/bin/python; TORCH_PYTHON=${TORCH_PYTHON:-.venv-gpu-torch/bin/python}
+        "$PY" -c 'import jax; assert jax.default_backend() == "gpu"' && "$TORCH_PYTHON" -c \
+            'import torch; assert torch.cuda.is_available()' || { echo "JAX or torch does not see the GPU"; exit 1; }
     fi
-    export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-else
-    stamp "creating .venv-gpu (network install)"
-    python3 -m venv .venv-gpu && .venv-gpu/bin/pip install -q -e '.[test]' \
-        && .venv-gpu/bin/pip install -q -U "jax[cuda12]" || { echo "install failed"; exit 1; }
-    PY=.venv-gpu/bin/python
 fi
-
-{
-    echo "python: $PY ($("$PY" --version 2>&1))"
-    "$PY" - <<'EOF'
-from importlib import metadata
-import jax
-for p in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "dm-haiku", "optax", "torch",
-          "transformers", "peft", "numpy"):
-    try:
-        print(f"{p} {metadata.version(p)}")
-    except metadata.PackageNotFoundError:
-        pass
-print("jax backend:", jax.default_backend(), jax.devices())
-import haiku, optax, pipeline.cli  # noqa: F401  (jora importable)
-print("jora importable from", pipeline.cli.__file__)
-EOF
-    command -v nvidia-smi >/dev/null && nvidia-smi
-} 2>&1 | tee "$RES/env.txt"
-if [[ "$DRY_RUN" != 1 ]] && ! gpu_ready "$PY"; then
-    echo "JAX or torch does not see a GPU with $PY"; exit 1
-fi
-
-# --- correctness -------------------------------------------------------------------------------
-# JAX runs the tests on the GPU (its default backend there). Full-precision fp32 matmuls: by default
-# JAX on NVIDIA uses TF32 for fp32 dots, which the fp32 parity tolerances were not written for.
-stamp "correctness: pytest $TESTS"
-JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    timeout 180 "$PY" -m pytest $TESTS -q -x -p no:cacheprovider 2>&1 | tee "$RES/pytest.log"
-TEST_RC=${PIPESTATUS[0]}
-stamp "pytest exit status $TEST_RC"
-
-# --- timing --------------------------------------------------------------------------------------
-stamp "timing: $PRESET seq 512 batch 1, ours ($OURS) vs PEFT ($PEFT_DTYPES) on $DEVICE"
-# shellcheck disable=SC2086
-timeout 330 "$PY" benchmarks/peft_compare.py --device "$DEVICE" --presets "$PRESET" --seq 512 --batch 1 \
-    --rounds "$ROUNDS" --steps "$STEPS" --warmup "$WARMUP" --peft $PEFT_DTYPES --ours $OURS \
-    --threads "$(nproc)" --load-wait 0 --idle-wait 0 --child-timeout 200 --out "$WORK" > "$RES/section.md"
-BENCH_RC=$?
-cat "$RES/section.md"
-for f in runs.jsonl summary.json; do [[ -f "$WORK/$f" ]] && cp "$WORK/$f" "$RES/"; done
-tar -czf "$RES/logs.tgz" -C "$WORK" . 2>/dev/null
-stamp "peft_compare exit status $BENCH_RC; results in $RES"
-[[ $TEST_RC == 0 && $BENCH_RC == 0 ]]
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+stamp "benchmarking: $PRESET on $DEVICE, jax python $PY, torch python ${TORCH_PYTHON:-$PY}, budget $BUDGET s"
+"$PY" benchmarks/gpu_bench.py --out "$RES" --deadline $((START + BUDGET)) --preset "$PRESET" --seqs $SEQS \
+    --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" --torch-python "${TORCH_PYTHON:-$PY}" \
+    --command "$( [[ "${DRY_RUN:-0}" == 1 ]] && echo "DRY_RUN=1 ")bash benchmarks/gpu.sh"
+rc=$?
+stamp "gpu_bench exit status $rc; results in $RES"
+return $rc
 }
 
 main 2>&1 | tee "$RES/gpu.log"
