@@ -3,7 +3,7 @@
 Shapes (see config.py): tokens [B, T]; activations [B, T, D]; queries [B, T, H, E]; keys/values
 [B, T, K, E]; logits [B, T, V].
 
-Parameter paths (the names sharding rules and LoRA targets match on; layout.py maps them to the store):
+Parameter paths (the names sharding rules and LoRA targets match on; formats/names.py names each in every format):
     embed/embeddings                    [V, D]
     layers/attention_norm/scale         [L, D]
     layers/attention/{q,k,v,o}_proj/w   [L, in, out]
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jora_model.backends import Kernels, check_kernels, kernels_for
+from jora_model.formats.names import STACK
 from jora_model.model.attention import Visibility
 from jora_model.model.config import LlamaConfig
 from jora_model.model.dropout import dropout
@@ -54,7 +55,7 @@ class ModelOptions:
         return kernels_for(self.kernels)
 
 
-STACK_NAME = "layers"  # the layer stack's module name: its parameters are [L, ...]
+STACK_NAME = STACK  # the layer stack's module name (the name table's): its parameters are [L, ...]
 
 
 def _weight(options: "ModelOptions", name, shape, dtype, init) -> jax.Array:

@@ -104,10 +104,10 @@ class PreparedStep:
 
         from jora_model.parallel import sharding
         from jora_model.training.step import OptimizerSettings, abstract_arguments, make_step_functions
-        from jora_model.training.trainer import _mesh_shape
+        from jora_model.training.setup import mesh_shape
 
         self.config = config = preset(settings.preset)
-        self.mesh_shape = shape = _mesh_shape(settings.mesh)
+        self.mesh_shape = shape = mesh_shape(settings.mesh)
         sharding.check_divisible(config, shape, settings.batch)
         self.mesh = mesh = sharding.make_mesh(shape)
         optimizer = OptimizerSettings(total_steps=max(settings.steps + settings.warmup, 1))

@@ -30,7 +30,6 @@ from jora_model.training.loop import LoopEnd, LoopParts, run_loop
 from jora_model.training.metrics_log import METRICS, MetricsLog, plot_loss, read_records
 from jora_model.training.settings import TrainSettings
 from jora_model.training.setup import TrainingSetup, setup_training
-from jora_model.training.setup import mesh_shape as _mesh_shape  # noqa: F401  (bench.py uses it)
 from jora_model.training.stop import StopOnSignal, TrainingInterrupted  # noqa: F401  (raised by the loop)
 
 log = logging.getLogger("jora")

@@ -17,10 +17,10 @@ import numpy as np
 
 def as_bits(params: dict) -> dict:
     """The stacked bf16 layer weights as uint16 bit patterns; a no-op for weights loaded as bits."""
-    from jora_model.model.llama import STACK_NAME
+    from jora_model.formats.names import STACK
 
     return {module: {name: jax.lax.bitcast_convert_type(a, jnp.uint16)
-                     if module.startswith(STACK_NAME + "/") and a.dtype == jnp.bfloat16 else a
+                     if module.startswith(STACK + "/") and a.dtype == jnp.bfloat16 else a
                      for name, a in leaves.items()}
             for module, leaves in params.items()}
 
