@@ -155,3 +155,26 @@ def test_portable_step_on_a_model_parallel_mesh_matches_one_device():
     losses = json.loads(out.stdout.strip().splitlines()[-1])
     assert losses["one"][2] < losses["one"][0]  # the adapter trains, so step 3 depends on steps 1 and 2
     np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=1e-4)
+
+
+def test_jora_train_with_portable_kernels_trains_what_the_cpu_kernels_train(tmp_path, tokenizer_model):
+    """The whole `jora train` path with --kernels portable (settings, setup, the frozen base loaded in the
+    set's dtypes, the loop): in fp32 its losses are the cpu set's up to summation order (1e-4 relative;
+    a wrongly loaded weight, e.g. bf16 bits read as numbers, moves them by orders of magnitude), and the
+    adapter records the set it was asked for."""
+    from tests.test_train_stage import COMMON, _train
+    from tests.train_helpers import tiny_data
+
+    _, store = tiny_store(tmp_path, tokenizer_model, dtype="bf16")
+    data = tiny_data(tmp_path, tokenizer_model)
+    losses = {}
+    for kernels in ("cpu", "portable"):
+        out = tmp_path / kernels
+        run = subprocess.run(_train(store, data, out, "--kernels", kernels, "--compute-dtype", "float32",
+                                    "--max-steps", "4", "--checkpoint-every", "4"), capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        losses[kernels] = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+        meta = json.loads((out / "adapter" / "adapter.json").read_text())
+        assert meta["train_settings"]["kernels"] == kernels
+    assert len(losses["cpu"]) == 4
+    np.testing.assert_allclose(losses["portable"], losses["cpu"], rtol=1e-4)
