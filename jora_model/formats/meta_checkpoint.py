@@ -2,11 +2,13 @@
 by tensor and merged across model-parallel shards the way Meta's model.py split them.
 
 Names, split dims (fairscale's layers in Meta's model.py) and which rows are rotary come from the
-name table (names.py); rope.freqs is unused.
+name table (names.py); rope.freqs is unused. Llama 2 and Llama 3 checkpoints differ in how the shards
+split the embedding, which the shards' shapes tell apart (meta_family), so no flag has to say which.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from jora_model.errors import JoraError
-from jora_model.formats.names import TABLE, TensorKind
+from jora_model.formats.names import LLAMA2, LLAMA3, TABLE, TensorKind
 from jora_model.model.config import read_meta_params
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -94,6 +96,34 @@ def _to_numpy(tensor, path: Path, name: str) -> np.ndarray:
     raise JoraError(f"{name} has unsupported dtype {tensor.dtype}", path)
 
 
+def _params_dims(path: Path) -> tuple[object, object]:
+    """params.json's dim and vocab_size as written (read_meta_params checks the whole file): the
+    shards' layout has to be known before the vocabulary size, which Llama 2 leaves at -1."""
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JoraError(f"not valid JSON ({exc})", path) from None
+    if not isinstance(params, dict):
+        raise JoraError("expected a JSON object", path)
+    return params.get("dim"), params.get("vocab_size", -1)
+
+
+def meta_family(embed_shard: tuple[int, int], n_shards: int, dim: int, shard: Path | None) -> tuple[str, int]:
+    """(LLAMA2 or LLAMA3, vocabulary size) from the shape of one shard's tok_embeddings.weight.
+
+    With n shards Llama 2's ParallelEmbedding leaves [V, dim/n] in each and Llama 3's
+    VocabParallelEmbedding [V/n, dim]; for n > 1 the widths differ, and with one shard both are [V, dim]."""
+    rows, width = embed_shard
+    if width == dim:
+        return (LLAMA3 if n_shards > 1 else LLAMA2), rows * n_shards
+    if n_shards > 1 and width * n_shards == dim:
+        return LLAMA2, rows
+    expected = f"[V, {dim}]" if n_shards == 1 else \
+        f"Llama 2's [V, {dim}/{n_shards}] or Llama 3's [V/{n_shards}, {dim}]"
+    raise JoraError(f"tok_embeddings.weight is [{rows}, {width}] in each of {n_shards} shard(s), not {expected} "
+                    "for params.json's dim (a missing or extra consolidated.NN.pth?)", shard)
+
+
 class MetaCheckpoint:
     def __init__(self, src: Path):
         self.src = Path(src)
@@ -105,20 +135,30 @@ class MetaCheckpoint:
             verify_zip_crcs(shard)
         tokenizer = self.src / "tokenizer.model"
         self.tokenizer = tokenizer if tokenizer.is_file() else None
-        embed_shape = self._embedding_shape()
-        self.config = read_meta_params(params_path, vocab_size=embed_shape[0])
+        self.family, vocab_size = self._read_layout(params_path)
+        self.config = read_meta_params(params_path, vocab_size=vocab_size)
         n = len(self.shards)
-        if embed_shape[1] * n != self.config.dim:
-            raise JoraError(f"tok_embeddings.weight is {embed_shape[1]} wide in each of {n} shard(s), "
-                            f"{embed_shape[1] * n} in all, but params.json says dim {self.config.dim} "
-                            "(a missing or extra consolidated.NN.pth?)", self.shards[0])
         for what, count in (("n_heads", self.config.n_heads), ("n_kv_heads", self.config.n_kv_heads)):
             if count % n:
                 raise JoraError(f"{n} model-parallel shards cannot split {what}={count}", params_path)
 
+    def _read_layout(self, params_path: Path) -> tuple[str, int]:
+        """The checkpoint's family and vocabulary size, from shard 0's embedding and params.json."""
+        dim, file_vocab = _params_dims(params_path)
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+            read_meta_params(params_path, vocab_size=1)  # its own message for a missing or mistyped dim
+            raise JoraError(f"field 'dim' must be a positive integer ({dim!r})", params_path)
+        rows, width = self._embedding_shape()
+        family, vocab_size = meta_family((rows, width), len(self.shards), dim, self.shards[0])
+        if isinstance(file_vocab, int) and file_vocab > 0 and file_vocab != vocab_size:
+            raise JoraError(f"vocab_size {file_vocab} disagrees with the weights: {len(self.shards)} shard(s) "
+                            f"of a [{rows}, {width}] tok_embeddings.weight hold {vocab_size} rows "
+                            f"in {family}'s layout", params_path)
+        return family, vocab_size
+
     def _embedding_shape(self) -> tuple[int, int]:
-        """Llama-2's params.json says vocab_size -1; every shard holds all vocabulary rows of the
-        embedding (it is split on the embedding dim), so shard 0 gives the vocabulary size."""
+        """Shard 0's embedding: its shape tells the family and the vocabulary size (Llama 2's
+        params.json says vocab_size -1)."""
         state = _load_shard(self.shards[0])
         embedding = state.get("tok_embeddings.weight")
         if embedding is None or embedding.ndim != 2:
@@ -157,10 +197,11 @@ class MetaCheckpoint:
             if piece.shape != pieces[0].shape:
                 raise JoraError(f"{name} has shape {piece.shape} here but {pieces[0].shape} in "
                                 f"{self.shards[0].name}", path)
-        if kind.meta_split is None:
+        split = kind.meta_split_of(self.family)
+        if split is None or len(pieces) == 1:
             merged = pieces[0]
         else:
-            merged = np.concatenate(pieces, axis=kind.meta_split) if len(pieces) > 1 else pieces[0]
+            merged = np.concatenate(pieces, axis=split)
         if kind.rotary_heads is not None:
             heads = getattr(self.config, kind.rotary_heads)
             if merged.ndim != 2 or merged.shape[0] % (heads * 2):

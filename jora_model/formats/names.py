@@ -7,7 +7,8 @@ One row per kind of base tensor; every reader, writer and sharding rule is deriv
     HF       transformers' LlamaForCausalLM: `model.layers.3.self_attn.q_proj.weight`; matrices [out, in]
     Meta     Meta's consolidated.NN.pth: `layers.3.attention.wq.weight`; matrices [out, in], each split
              over the model-parallel shards on `meta_split` (fairscale's Column/RowParallelLinear,
-             ParallelEmbedding in Meta's model.py), q/k in the interleaved rotary convention
+             ParallelEmbedding in Meta's model.py), q/k in the interleaved rotary convention;
+             Llama 3 splits some tensors elsewhere (`meta_split_llama3`: its VocabParallelEmbedding)
     PEFT     LoRA keys on the HF module: `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`
     adapter  our adapter file: `layers.3.attention.q_proj.lora_a` [in, r] and `.lora_b` [r, out]
 The embedding is [V, D] in every format: it is a lookup table, not a matrix applied as `x @ w`.
@@ -32,6 +33,11 @@ LORA_LEAVES = {"lora_a": "lora_A", "lora_b": "lora_B"}  # Haiku / adapter leaf -
 _HF_LAYER = "model.layers"
 _META_LAYER = "layers"
 _PEFT_PREFIX = "base_model.model"  # PeftModel wraps the HF model as base_model.model
+# Meta's checkpoint families: the same names, but some tensors split over the shards on another dim.
+LLAMA2 = "Llama 2"
+LLAMA3 = "Llama 3"
+META_FAMILIES = (LLAMA2, LLAMA3)
+AS_LLAMA2 = "as Llama 2"  # meta_split_llama3's default: Llama 3 splits the tensor as Llama 2 did
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +50,21 @@ class TensorKind:
     param: str  # Haiku parameter name
     hf: str
     meta: str
-    meta_split: int | None  # dim of Meta's tensor that model-parallel shards split; None: replicated
+    meta_split: int | None  # dim of Meta's Llama 2 tensor that model-parallel shards split; None: replicated
     axes: tuple[str, ...]  # logical axes of one layer's tensor, store layout
     shape: Callable[[LlamaConfig], Shape]  # one layer's shape in the store's layout
     transposed: bool = False  # HF and Meta hold the store's [in, out] matrix as [out, in]
     rotary_heads: str | None = None  # Meta's q/k: rows permuted to rotate-half per this many heads
     lora: bool = False  # a LoRA target; its target name (and PEFT's) is the module's last part
+    meta_split_llama3: int | None | str = AS_LLAMA2  # the split dim in Llama 3's shards
+
+    def meta_split_of(self, family: str) -> int | None:
+        """The dim that model-parallel shards of Meta's `family` (LLAMA2 or LLAMA3) split."""
+        if family not in META_FAMILIES:
+            raise JoraError(f"unknown Meta checkpoint family {family!r}")
+        if family == LLAMA3 and self.meta_split_llama3 != AS_LLAMA2:
+            return self.meta_split_llama3
+        return self.meta_split
 
     @property
     def per_layer(self) -> bool:
@@ -150,8 +165,9 @@ class NameTable:
 
 
 TABLE = NameTable((
+    # Llama 2's ParallelEmbedding splits the model dim, Llama 3's VocabParallelEmbedding the vocabulary.
     TensorKind("embed", "embed", "embeddings", "model.embed_tokens.weight", "tok_embeddings.weight", 1,
-               ("vocab", "embed"), lambda c: (c.vocab_size, c.dim)),
+               ("vocab", "embed"), lambda c: (c.vocab_size, c.dim), meta_split_llama3=0),
     TensorKind("attention_norm", "layers/attention_norm", "scale", "input_layernorm.weight",
                "attention_norm.weight", None, ("embed",), lambda c: (c.dim,)),
     TensorKind("attention.q_proj", "layers/attention/q_proj", "w", "self_attn.q_proj.weight",

@@ -4,7 +4,7 @@ rows share, would convert, export or shard some tensor as another one without an
 from __future__ import annotations
 
 from jora_model.errors import JoraError
-from jora_model.formats.names import LAYER_AXIS, RANK_AXIS, NameTable, TensorKind
+from jora_model.formats.names import LAYER_AXIS, META_FAMILIES, RANK_AXIS, NameTable, TensorKind
 from jora_model.model.config import LlamaConfig
 
 # Every size differs from the others where Llama allows it, so a row with the wrong config field shows.
@@ -64,8 +64,10 @@ def _row_problems(kind: TensorKind) -> list[str]:
             problems.append(f"axis {axis!r} has size {n}, which that axis never has")
     if kind.transposed and len(shape) != 2:
         problems.append("only a matrix can be transposed")
-    if kind.meta_split is not None and not 0 <= kind.meta_split < len(shape):
-        problems.append(f"Meta split dim {kind.meta_split} of a {len(shape)}-dimensional tensor")
+    for family in META_FAMILIES:
+        split = kind.meta_split_of(family)
+        if split is not None and not (isinstance(split, int) and 0 <= split < len(shape)):
+            problems.append(f"{family}'s Meta split dim {split!r} of a {len(shape)}-dimensional tensor")
     if kind.rotary_heads is not None:
         heads = getattr(_SAMPLE, kind.rotary_heads, None)
         if not kind.transposed or not isinstance(heads, int) or shape[-1] != heads * _SAMPLE.head_dim:

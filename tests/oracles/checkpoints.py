@@ -32,6 +32,7 @@ __all__ = [
     "meta_params",
     "hf_config_kwargs_from_meta",
     "META_SPLIT_DIM",
+    "META_SPLIT_DIM_LLAMA3",
     "meta_split_dim",
 ]
 
@@ -344,8 +345,13 @@ META_SPLIT_DIM = {
 }
 
 
-def meta_split_dim(key: str) -> int | None:
-    for suffix, d in META_SPLIT_DIM.items():
+# Llama 3 (Meta's llama-models, models/llama3/model.py): VocabParallelEmbedding splits the
+# vocabulary rows; every other tensor is split as in Llama 2.
+META_SPLIT_DIM_LLAMA3 = {**META_SPLIT_DIM, "tok_embeddings.weight": 0}
+
+
+def meta_split_dim(key: str, llama3: bool = False) -> int | None:
+    for suffix, d in (META_SPLIT_DIM_LLAMA3 if llama3 else META_SPLIT_DIM).items():
         if key == suffix or key.endswith("." + suffix):
             return d
     raise KeyError(f"unknown Meta key {key}")
@@ -357,12 +363,15 @@ def write_meta_checkpoint(
     params: Mapping,
     n_shards: int,
     tokenizer_path: Path | None,
+    llama3: bool = False,
 ) -> Path:
     """Write a Meta-style checkpoint dir: params.json, tokenizer.model, consolidated.NN.pth.
 
     Shards follow fairscale's model-parallel layout (see ``META_SPLIT_DIM``); like Meta, this
     needs n_heads and n_kv_heads divisible by ``n_shards`` (each rank holds whole heads).
     Tensors keep their dtype and are cloned so each shard stores only its slice.
+    ``llama3=True`` writes Llama 3's layout: the embedding split on its vocabulary rows
+    (``META_SPLIT_DIM_LLAMA3``) and params.json's vocab_size written out, as Meta's 3.x releases do.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -383,7 +392,7 @@ def write_meta_checkpoint(
     pj["norm_eps"] = params.get("norm_eps", 1e-5)
     if params.get("rope_theta") is not None:
         pj["rope_theta"] = params["rope_theta"]
-    pj["vocab_size"] = -1
+    pj["vocab_size"] = int(meta_state_dict["tok_embeddings.weight"].shape[0]) if llama3 else -1
     (out_dir / "params.json").write_text(json.dumps(pj))
 
     if tokenizer_path is not None:
@@ -391,7 +400,7 @@ def write_meta_checkpoint(
 
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
     for k, v in meta_state_dict.items():
-        d = meta_split_dim(k)
+        d = meta_split_dim(k, llama3)
         if d is None:
             for s in shards:
                 s[k] = v.clone()
@@ -411,11 +420,14 @@ def read_meta_shards(ckpt_dir: Path) -> list[dict[str, torch.Tensor]]:
     return [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
 
 
-def merge_meta_shards(shards: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate model-parallel shards back along ``META_SPLIT_DIM`` (reference merge)."""
+def merge_meta_shards(
+    shards: list[Mapping[str, torch.Tensor]], llama3: bool = False
+) -> dict[str, torch.Tensor]:
+    """Concatenate model-parallel shards back along ``META_SPLIT_DIM`` (``META_SPLIT_DIM_LLAMA3``
+    with ``llama3=True``): the reference merge."""
     out: dict[str, torch.Tensor] = {}
     for k in shards[0]:
-        d = meta_split_dim(k)
+        d = meta_split_dim(k, llama3)
         out[k] = shards[0][k].clone() if d is None else torch.cat([s[k] for s in shards], dim=d)
     return out
 
