@@ -101,3 +101,77 @@ def test_settings_round_trip_and_validation():
         LlamaConfig.from_dict({**config.to_dict(), "colour": 1})
     with pytest.raises(JoraError, match="n_kv_heads"):
         config.replace(n_kv_heads=3)
+
+
+SCALED = dict(rope_theta=5e5, rope_scaling_factor=8, rope_low_freq_factor=1, rope_high_freq_factor=4,
+              rope_original_max_len=8192)
+
+
+def test_rope_scaling_round_trips_and_plain_configs_keep_their_old_dict():
+    plain = PRESETS["7B"]
+    assert not any(key.startswith("rope_") and key != "rope_theta" for key in plain.to_dict())
+    scaled = plain.replace(**SCALED)
+    assert scaled.rope_scaling_factor == 8.0 and isinstance(scaled.rope_scaling_factor, float)
+    assert LlamaConfig.from_dict(scaled.to_dict()) == scaled and hash(scaled) != hash(plain)
+    assert LlamaConfig.from_dict(json.loads(json.dumps(scaled.to_dict()))) == scaled
+    # a store written before scaling existed has no such fields and still loads as plain rotary
+    assert LlamaConfig.from_dict(plain.to_dict()) == plain and plain.rope_scaling_factor is None
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(rope_scaling_factor=0.5), "at least 1"),
+    (dict(rope_scaling_factor="8"), "positive number"),
+    (dict(rope_scaling_factor=8, rope_high_freq_factor=1.0), "must exceed"),
+    (dict(rope_scaling_factor=8, rope_original_max_len=8192.0), "positive integer"),
+    (dict(rope_high_freq_factor=2.0), "rope_scaling_factor is not"),
+])
+def test_rope_scaling_validation(changes, message):
+    with pytest.raises(JoraError, match=message):
+        PRESETS["7B"].replace(**changes)
+
+
+def test_meta_params_scaled_rope(tmp_path):
+    path = tmp_path / "params.json"
+    base = {"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 100, "rope_theta": 5e5}
+    path.write_text(json.dumps({**base, "use_scaled_rope": False}))
+    assert read_meta_params(path).rope_scaling_factor is None
+    path.write_text(json.dumps({**base, "use_scaled_rope": True}))
+    c = read_meta_params(path)
+    assert (c.rope_scaling_factor, c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_original_max_len) == \
+        (8.0, 1.0, 4.0, 8192)
+    path.write_text(json.dumps({**base, "use_scaled_rope": True, "rope_scaling_factor": 32,
+                                "rope_high_freq_factor": 4.0}))
+    assert read_meta_params(path).rope_scaling_factor == 32.0
+    path.write_text(json.dumps({**base, "use_scaled_rope": True, "rope_scaling_factor": "big"}))
+    with pytest.raises(JoraError, match="rope_scaling_factor") as info:
+        read_meta_params(path)
+    assert str(path) in str(info.value)
+
+
+def _hf_dict(**rope) -> dict:
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+            "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 96, **rope}
+
+
+def test_hf_config_llama3_rope_in_either_key(tmp_path):
+    path = tmp_path / "config.json"
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    path.write_text(json.dumps(_hf_dict(rope_theta=5e5, rope_scaling={**llama3, "type": "llama3"})))
+    legacy = read_hf_config(path)[0]
+    path.write_text(json.dumps(_hf_dict(rope_parameters={**llama3, "rope_theta": 5e5})))
+    assert read_hf_config(path)[0] == legacy
+    assert (legacy.rope_scaling_factor, legacy.rope_theta) == (32.0, 5e5)
+    path.write_text(json.dumps(_hf_dict(rope_parameters={"rope_type": "llama3", "factor": 8.0})))
+    with pytest.raises(JoraError, match="lacks 'low_freq_factor'"):
+        read_hf_config(path)
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "linear"])
+def test_hf_config_other_rope_types_name_the_file_and_type(tmp_path, rope_type):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_hf_dict(rope_scaling={"type": rope_type, "factor": 4.0})))
+    with pytest.raises(JoraError) as info:
+        read_hf_config(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and repr(rope_type) in message

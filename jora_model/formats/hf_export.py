@@ -28,15 +28,26 @@ TOKENIZER_CHECKS = ["Hello world", "  two  spaces\tand a tab", " leading space",
                     "literal </s> and <s> stay text", "### Response:\nok", "a\n\nb", "digits 12345", ""]
 
 
+def hf_rope(config: LlamaConfig) -> dict[str, Any]:
+    """rope_parameters for config.json: plain rotary, or Llama 3.1's scaling as transformers' "llama3"."""
+    if config.rope_scaling_factor is None:
+        return {"rope_type": "default", "rope_theta": config.rope_theta}
+    return {"rope_type": "llama3", "rope_theta": config.rope_theta, "factor": config.rope_scaling_factor,
+            "low_freq_factor": config.rope_low_freq_factor, "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_max_len}
+
+
 def hf_config(config: LlamaConfig, dtype: str) -> dict[str, Any]:
+    scaled = config.rope_scaling_factor is not None
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
         "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        # transformers 5 reads rope_parameters; older versions read rope_theta
-        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        # transformers 5 reads rope_parameters; older versions read rope_theta and rope_scaling
+        "rope_theta": config.rope_theta, "rope_parameters": hf_rope(config),
+        **({"rope_scaling": {k: v for k, v in hf_rope(config).items() if k != "rope_theta"}} if scaled else {}),
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
         "dtype": dtype, "torch_dtype": dtype,

@@ -26,6 +26,12 @@ class LlamaConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # rotary base frequency
     max_seq_len: int = 4096  # longest context the model was trained for (Llama-2: 4096)
+    # Llama 3.1+'s "llama3" rotary scaling (see llama.rope_inv_freq); no factor means plain rotary, and then
+    # the other three stay at their defaults (Meta's values) and are left out of to_dict.
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -40,6 +46,29 @@ class LlamaConfig:
             raise JoraError(f"head dim {self.head_dim} must be even for rotary embeddings")
         if not (self.norm_eps > 0 and self.rope_theta > 0):
             raise JoraError("norm_eps and rope_theta must be positive")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling_factor is None:
+            changed = [name for name in _ROPE_SCALING_FIELDS[1:] if getattr(self, name) != _ROPE_DEFAULTS[name]]
+            if changed:
+                raise JoraError(f"{changed[0]} is set but rope_scaling_factor is not "
+                                "(plain rotary has no such setting)")
+            return
+        for name in _ROPE_SCALING_FIELDS[:3]:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise JoraError(f"model setting {name} must be a positive number, got {value!r}")
+            # floats, so that 8 and 8.0 give the same settings, hash and to_dict
+            object.__setattr__(self, name, float(value))
+        original = self.rope_original_max_len
+        if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+            raise JoraError(f"model setting rope_original_max_len must be a positive integer, got {original!r}")
+        if self.rope_scaling_factor < 1:
+            raise JoraError(f"rope_scaling_factor {self.rope_scaling_factor} must be at least 1")
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise JoraError(f"rope_high_freq_factor {self.rope_high_freq_factor} must exceed "
+                            f"rope_low_freq_factor {self.rope_low_freq_factor}")
 
     @property
     def head_dim(self) -> int:
@@ -57,7 +86,12 @@ class LlamaConfig:
         return 2 * self.vocab_size * d + self.n_layers * block + d
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if self.rope_scaling_factor is None:
+            # plain rotary writes exactly what it wrote before scaling existed (store and adapter metadata)
+            for name in _ROPE_SCALING_FIELDS:
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
@@ -72,6 +106,11 @@ class LlamaConfig:
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
+
+
+_ROPE_SCALING_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                        "rope_original_max_len")
+_ROPE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LlamaConfig) if f.name in _ROPE_SCALING_FIELDS}
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -158,10 +197,51 @@ def read_meta_params(path: Path, vocab_size: int | None = None) -> LlamaConfig:
             vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
             ffn_dim=meta_ffn_dim(dim, multiple_of, multiplier),
             norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 10000.0)),
-            max_seq_len=int(p.get("max_seq_len", 4096)),
+            max_seq_len=int(p.get("max_seq_len", 4096)), **_meta_rope_scaling(p, path),
         )
     except JoraError as exc:
         raise JoraError(str(exc), path) from None
+
+
+def _number(values: dict[str, Any], key: str, default: Any, path: Path) -> Any:
+    value = values.get(key)
+    value = default if value is None else value
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise JoraError(f"field {key!r} must be a number ({value!r})", path)
+    return value
+
+
+def _meta_rope_scaling(p: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Meta's `use_scaled_rope` (llama-models' apply_scaling): factor 8 and high frequency factor 4
+    unless params.json names them; the low frequency factor 1 and original context 8192 are fixed there."""
+    if not p.get("use_scaled_rope"):
+        return {}
+    return {"rope_scaling_factor": _number(p, "rope_scaling_factor", 8.0, path),
+            "rope_high_freq_factor": _number(p, "rope_high_freq_factor", 4.0, path),
+            "rope_low_freq_factor": 1.0, "rope_original_max_len": 8192}
+
+
+_HF_LLAMA3_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                   "high_freq_factor": "rope_high_freq_factor",
+                   "original_max_position_embeddings": "rope_original_max_len"}
+
+
+def _hf_rope(c: dict[str, Any], path: Path) -> tuple[float, dict[str, Any]]:
+    """config.json's rope_theta and scaling: plain rotary or Llama 3.1's "llama3" type
+    (transformers 5 writes `rope_parameters`, older versions `rope_scaling`)."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise JoraError(f"rope settings must be a JSON object ({rope!r})", path)
+    theta = _number(c, "rope_theta", rope.get("rope_theta", 10000.0), path)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in (None, "default"):
+        return float(theta), {}
+    if rope_type != "llama3":
+        raise JoraError(f"rope scaling {rope_type!r} is not supported (plain rotary and llama3 only)", path)
+    missing = [key for key in _HF_LLAMA3_KEYS if key not in rope]
+    if missing:
+        raise JoraError(f"llama3 rope scaling lacks {missing[0]!r}", path)
+    return float(theta), {ours: _number(rope, key, None, path) for key, ours in _HF_LLAMA3_KEYS.items()}
 
 
 def read_hf_config(path: Path) -> tuple[LlamaConfig, bool]:
@@ -176,11 +256,7 @@ def read_hf_config(path: Path) -> tuple[LlamaConfig, bool]:
         raise JoraError(f"hidden_act {c['hidden_act']!r} is not Llama's silu", path)
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise JoraError("attention or MLP biases are not part of Llama and are not supported", path)
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in (None, "default"):
-        raise JoraError(f"rope scaling {rope_type!r} is not supported (plain rotary only)", path)
-    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0)
+    theta, scaling = _hf_rope(c, path)
     dim = _require(c, "hidden_size", int, path)
     n_heads = _require(c, "num_attention_heads", int, path)
     head_dim = c.get("head_dim")
@@ -193,7 +269,7 @@ def read_hf_config(path: Path) -> tuple[LlamaConfig, bool]:
             n_kv_heads=c.get("num_key_value_heads") or n_heads,
             ffn_dim=_require(c, "intermediate_size", int, path),
             norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            max_seq_len=int(c.get("max_position_embeddings", 4096)),
+            max_seq_len=int(c.get("max_position_embeddings", 4096)), **scaling,
         )
     except JoraError as exc:
         raise JoraError(str(exc), path) from None

@@ -141,9 +141,27 @@ class RMSNorm(hk.Module):
         return rms_norm(x.astype(self.options.compute_dtype), scale, self.eps)
 
 
-def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """The E/2 rotary frequencies in fp32; with Llama 3.1's scaling as Meta's apply_scaling and
+    transformers' _compute_llama3_parameters compute them: wavelengths longer than the original
+    context / low_freq_factor are stretched by the factor, those shorter than original / high_freq_factor
+    kept, and the band between blended smoothly."""
+    head_dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    if config.rope_scaling_factor is None:
+        return inv_freq
+    factor, low, high = config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    original = config.rope_original_max_len
+    wavelen = (2 * np.pi / inv_freq).astype(np.float32)
+    smooth = ((original / wavelen - low) / (high - low)).astype(np.float32)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = np.where(wavelen > original / low, inv_freq / factor, blended)
+    return np.where(wavelen < original / high, inv_freq, scaled).astype(np.float32)
+
+
+def rotary_tables(positions: jax.Array, config: LlamaConfig) -> tuple[jax.Array, jax.Array]:
     """cos and sin, [B, T, E], for the rotate-half convention; computed in fp32."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    inv_freq = rope_inv_freq(config)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -244,7 +262,7 @@ def cached_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array
     t, length = tokens.shape[1], cache.k.shape[2]
     positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), tokens.shape)
     x = Embed(config.vocab_size, config.dim, options)(tokens)
-    cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
+    cos, sin = rotary_tables(positions, config)
     # a query sees every cached key at or before its own position (later slots are empty or stale)
     slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (tokens.shape[0], length))
     visibility = Visibility(positions, slots, jnp.zeros_like(positions), jnp.zeros_like(slots))
@@ -280,7 +298,7 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
     if positions is None:
         positions = segment_positions(segment_ids)
     x = Embed(config.vocab_size, config.dim, options)(tokens)
-    cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta)
+    cos, sin = rotary_tables(positions, config)
     visibility = Visibility.causal(segment_ids)
     stack = hk.layer_stack(config.n_layers, name=STACK_NAME, unroll=options.scan_unroll)
     x, *_ = stack(decoder_layer(config, options, training))(x, visibility, cos, sin)

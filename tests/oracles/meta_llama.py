@@ -9,7 +9,9 @@ Differences from the original, none of which change the numbers:
 * no KV cache: one full-sequence forward from position 0 (``start_pos == 0``), so the cache
   writes/reads in ``Attention.forward`` collapse to using this call's keys and values;
 * all positions' logits are returned (Llama-2's ``Transformer.forward`` does that too);
-* ``rope_theta`` (added to ``ModelArgs`` by Code Llama, 10000 in Llama-2) is honoured.
+* ``rope_theta`` (added to ``ModelArgs`` by Code Llama, 10000 in Llama-2) is honoured;
+* Llama 3.1's ``use_scaled_rope`` is honoured with ``apply_scaling`` from Meta's llama-models
+  (``models/llama3/model.py``), including its optional ``rope_scaling_factor`` / ``rope_high_freq_factor``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "meta_ffn_hidden_dim",
     "rms_norm",
     "precompute_freqs_cis",
+    "apply_scaling",
     "apply_rotary_emb",
     "repeat_kv",
 ]
@@ -46,6 +49,9 @@ def _args(params: Mapping) -> dict:
         "ffn_dim_multiplier": params.get("ffn_dim_multiplier"),
         "norm_eps": float(params.get("norm_eps", 1e-5)),
         "rope_theta": float(params.get("rope_theta") or 10000.0),
+        "use_scaled_rope": bool(params.get("use_scaled_rope", False)),
+        "rope_scaling_factor": float(params.get("rope_scaling_factor") or 8.0),
+        "rope_high_freq_factor": float(params.get("rope_high_freq_factor") or 4.0),
     }
 
 
@@ -72,12 +78,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return output * weight
 
 
+# --- apply_scaling (Llama 3.1+, llama-models models/llama3/model.py) -------------------------
+# Meta: low_freq_factor = 1 and old_context_len = 8192 are fixed; wavelengths above 8192 are divided
+#       by scale_factor, those below 8192 / high_freq_factor kept, the band between blended.
+def apply_scaling(freqs: torch.Tensor, scale_factor: float, high_freq_factor: float) -> torch.Tensor:
+    low_freq_factor = 1
+    old_context_len = 8192  # original llama3 length
+
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * torch.pi / freqs
+    new_freqs = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, freqs)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    return torch.where(
+        (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen),
+        (1 - smooth) * new_freqs / scale_factor + smooth * new_freqs,
+        new_freqs,
+    )
+
+
 # --- precompute_freqs_cis ---------------------------------------------------------------------
 # Meta: freqs = 1 / (theta ** (arange(0, dim, 2)[: dim // 2].float() / dim)); t = arange(end)
 #       freqs_cis = polar(ones, outer(t, freqs))  -> complex64 [end, dim // 2]
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False,
+                         scale_factor: float = 8.0, high_freq_factor: float = 4.0) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
     t = torch.arange(end, device=freqs.device)
+    if use_scaled:
+        freqs = apply_scaling(freqs, scale_factor, high_freq_factor)
     freqs = torch.outer(t, freqs).float()
     return torch.polar(torch.ones_like(freqs), freqs)  # complex64
 
@@ -191,7 +219,8 @@ def meta_logits(
     _bsz, seqlen = tokens.shape
     h = F.embedding(tokens, sd["tok_embeddings.weight"])  # ParallelEmbedding
     # Meta precomputes for max_seq_len * 2 and slices [start_pos : start_pos + seqlen].
-    freqs_cis = precompute_freqs_cis(head_dim, seqlen, a["rope_theta"])
+    freqs_cis = precompute_freqs_cis(head_dim, seqlen, a["rope_theta"], a["use_scaled_rope"],
+                                     a["rope_scaling_factor"], a["rope_high_freq_factor"])
 
     mask = None
     if seqlen > 1:
