@@ -15,7 +15,8 @@ from jora_model.errors import JoraError
 # 0.12% above "13.0B": the published figure is rounded to 0.1B, so we check rounding at the published
 # precision and the exact count, which a wrong shape anywhere would change.
 @pytest.mark.parametrize("name,exact,published,digits", [
-    ("7B", 6_738_415_616, 6.74, 2), ("13B", 13_015_864_320, 13.0, 1), ("70B", 68_976_648_192, 69.0, 1)])
+    ("7B", 6_738_415_616, 6.74, 2), ("13B", 13_015_864_320, 13.0, 1), ("70B", 68_976_648_192, 69.0, 1),
+    ("llama3-8B", 8_030_261_248, 8.03, 2), ("llama3-70B", 70_553_706_496, 70.6, 1)])
 def test_presets_match_published_parameter_counts(name, exact, published, digits):
     count = PRESETS[name].param_count()
     assert count == exact

@@ -129,6 +129,14 @@ PRESETS: dict[str, LlamaConfig] = {
                        ffn_dim=meta_ffn_dim(5120, 256, None)),
     "70B": LlamaConfig(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                        ffn_dim=meta_ffn_dim(8192, 4096, 1.3)),
+    # Llama 3.1 (and 3.3's 70B): the 128k vocabulary, rope_theta 500000 and the llama3 scaled rotary.
+    # Parameter counts 8,030,261,248 and 70,553,706,496.
+    "llama3-8B": LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                             ffn_dim=meta_ffn_dim(4096, 1024, 1.3), norm_eps=1e-5, rope_theta=500000.0,
+                             max_seq_len=131072, rope_scaling_factor=8.0),
+    "llama3-70B": LlamaConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                              ffn_dim=meta_ffn_dim(8192, 4096, 1.3), norm_eps=1e-5, rope_theta=500000.0,
+                              max_seq_len=131072, rope_scaling_factor=8.0),
 }
 
 
@@ -137,11 +145,14 @@ BENCH_SHAPES: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(vocab_size=32000, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=344),
     "small": LlamaConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1376),
     "base110m": LlamaConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048),
+    # `small` with Llama 3's 128k vocabulary: what the output head and the loss cost at that size
+    "small128k": LlamaConfig(vocab_size=128256, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1376),
 }
 
 
 def preset(name: str) -> LlamaConfig:
-    """Llama-2's 7B/13B/70B, or a benchmark shape (tiny, small, base110m); case-insensitive."""
+    """Llama-2's 7B/13B/70B, Llama 3.1's llama3-8B/llama3-70B, or a benchmark shape (tiny, small,
+    base110m, small128k); case-insensitive."""
     table = {**{k.lower(): v for k, v in PRESETS.items()}, **BENCH_SHAPES}
     try:
         return table[name.lower()]
