@@ -8,7 +8,6 @@ split the embedding, which the shards' shapes tell apart (meta_family), so no fl
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +16,7 @@ import numpy as np
 
 from jora_model.errors import JoraError
 from jora_model.formats.names import LLAMA2, LLAMA3, TABLE, TensorKind
-from jora_model.model.config import read_meta_params
+from jora_model.model.config import read_json_object, read_meta_params
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 
@@ -99,12 +98,7 @@ def _to_numpy(tensor, path: Path, name: str) -> np.ndarray:
 def _params_dims(path: Path) -> tuple[object, object]:
     """params.json's dim and vocab_size as written (read_meta_params checks the whole file): the
     shards' layout has to be known before the vocabulary size, which Llama 2 leaves at -1."""
-    try:
-        params = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise JoraError(f"not valid JSON ({exc})", path) from None
-    if not isinstance(params, dict):
-        raise JoraError("expected a JSON object", path)
+    params = read_json_object(path)
     return params.get("dim"), params.get("vocab_size", -1)
 
 

@@ -160,7 +160,8 @@ def preset(name: str) -> LlamaConfig:
         raise JoraError(f"unknown preset {name!r}; choose one of {', '.join(table)}") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; one clear line for a missing, unreadable or other file."""
     if not path.is_file():
         raise JoraError("file not found", path)
     try:
@@ -185,7 +186,7 @@ def read_meta_params(path: Path, vocab_size: int | None = None) -> LlamaConfig:
     """Read Meta's params.json. Llama-2 writes `vocab_size: -1`; pass the real size (from the
     tokenizer or output.weight) as `vocab_size` then."""
     path = Path(path)
-    p = _read_json(path)
+    p = read_json_object(path)
     dim = _require(p, "dim", int, path)
     n_heads = _require(p, "n_heads", int, path)
     n_layers = _require(p, "n_layers", int, path)
@@ -258,7 +259,7 @@ def _hf_rope(c: dict[str, Any], path: Path) -> tuple[float, dict[str, Any]]:
 def read_hf_config(path: Path) -> tuple[LlamaConfig, bool]:
     """Read an HF Llama config.json; returns the settings and whether the output head is tied."""
     path = Path(path)
-    c = _read_json(path)
+    c = read_json_object(path)
     arch = c.get("architectures") or []
     if c.get("model_type") != "llama" or (arch and "LlamaForCausalLM" not in arch):
         what = c.get("model_type") or (arch[0] if arch else "unknown")
