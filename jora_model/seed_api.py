@@ -45,7 +45,7 @@ def config_tokenizer(config: ParallamaConfig) -> Path:
 
 def _examples(dataset: Any, tokenizer_path: Path, max_len: int) -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
     from jora_model.data.alpaca import check_record, tokenize_record
-    from jora_model.data.tokenizer import Tokenizer
+    from jora_model.data.tokenizer import load_tokenizer
 
     tokenizer = None
     items = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__getitem__") and \
@@ -59,7 +59,7 @@ def _examples(dataset: Any, tokenizer_path: Path, max_len: int) -> Iterable[tupl
             problem = check_record(item)
             if problem:
                 raise JoraError(f"dataset item {i}: {problem}")
-            tokenizer = tokenizer or Tokenizer(tokenizer_path)
+            tokenizer = tokenizer or load_tokenizer(tokenizer_path)
             example = tokenize_record(tokenizer, item, i, max_len)
             if example.dropped:
                 continue

@@ -185,7 +185,7 @@ def generate_command(model, adapter, prompt, context, data, limit, max_new_token
     from jora_model import JoraError, load_model
     from jora_model.data.alpaca import check_record, read_records
     from jora_model.model.generate import Generator, SamplingSettings, generate_text
-    from jora_model.data.tokenizer import Tokenizer
+    from jora_model.data.tokenizer import load_tokenizer
 
     if (prompt is None) == (data is None):
         raise JoraError("give exactly one of --prompt or --data")
@@ -195,7 +195,7 @@ def generate_command(model, adapter, prompt, context, data, limit, max_new_token
         if problem:
             raise JoraError(f"record {i}: {problem}", data)
     loaded = load_model(model, dtype="float32", adapter=adapter)
-    tokenizer = Tokenizer(model)
+    tokenizer = load_tokenizer(model)
     generator = Generator(loaded)
     settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
     for record in requests:

@@ -58,10 +58,10 @@ def answer(store: Path, adapter: Path, question: str = QUESTION, max_new_tokens:
     """The trained model's greedy answer, prompted with the training template."""
     from jora_model import load_model
     from jora_model.model.generate import SamplingSettings, generate_text
-    from jora_model.data.tokenizer import Tokenizer
+    from jora_model.data.tokenizer import load_tokenizer
 
     model = load_model(store, dtype="float32", adapter=adapter)
-    return generate_text(model, Tokenizer(store), question, "", SamplingSettings(max_new_tokens=max_new_tokens))
+    return generate_text(model, load_tokenizer(store), question, "", SamplingSettings(max_new_tokens=max_new_tokens))
 
 
 def run_demo(workdir: Path) -> DemoResult:

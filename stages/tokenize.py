@@ -1,8 +1,9 @@
 """Stage 2, tokenize: Alpaca JSON (or JSON Lines) -> tokenized Arrow shards with a response-only mask.
 
-Inputs: the data file and the SentencePiece tokenizer. Output: `train/` and `val/` split directories of
-Arrow shards (jora_model.data.shards) and `stats.json`. Cache key: both files' contents, every setting below
-and CODE_VERSION (the worker count is not in it: it never changes the bytes written).
+Inputs: the data file and the tokenizer (SentencePiece, Meta's tiktoken ranks file or an HF tokenizer.json,
+with the tokenizer_config.json beside it when there is one). Output: `train/` and `val/` split directories
+of Arrow shards (jora_model.data.shards) and `stats.json`. Cache key: the input files' contents, every
+setting below and CODE_VERSION (the worker count is not in it: it never changes the bytes written).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    from jora_model.data.tokenizer import Tokenizer
+    from jora_model.data.tokenizer import load_tokenizer
 
-    _worker_tokenizer = Tokenizer(tokenizer_path)
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
 def _tokenize_chunk(task: tuple[list[tuple[int, dict]], int, str]) -> list:
@@ -111,8 +112,21 @@ def tokenize(data: str | Path, out: str | Path, tokenizer: str | Path,
     def build(tmp: Path) -> dict[str, Any]:
         return _build(tmp, data, tokenizer_path, settings, workers)
 
-    return run_stage("tokenize", CODE_VERSION, out, {"data": data, "tokenizer": tokenizer_path},
+    return run_stage("tokenize", CODE_VERSION, out, _input_files(data, tokenizer_path),
                      dataclasses.asdict(settings), build, force=force)
+
+
+def _input_files(data: Path, tokenizer_path: Path) -> dict[str, Path]:
+    """The files whose contents decide the output: a tokenizer.json's neighbouring tokenizer_config.json
+    can choose its bos/eos, so it counts too."""
+    from jora_model.data.hf_tokenizer import config_file
+    from jora_model.data.tokenizer_files import HF_JSON, tokenizer_kind
+
+    files = {"data": data, "tokenizer": tokenizer_path}
+    config = config_file(tokenizer_path) if tokenizer_kind(tokenizer_path) == HF_JSON else None
+    if config is not None:
+        files["tokenizer_config"] = config
+    return files
 
 
 def _usable_records(data: Path, strict: bool) -> tuple[list, list[tuple[int, dict]], Counter]:
@@ -142,9 +156,9 @@ def _build(tmp: Path, data: Path, tokenizer_path: Path, settings: TokenizeSettin
     from jora_model.data.alpaca import held_out
     from jora_model.data.packing import pack
     from jora_model.data.shards import Row, ShardWriter
-    from jora_model.data.tokenizer import Tokenizer
+    from jora_model.data.tokenizer import load_tokenizer
 
-    Tokenizer(tokenizer_path)  # a bad tokenizer fails here, in the parent, with its own message
+    load_tokenizer(tokenizer_path)  # a bad tokenizer fails here, in the parent, with its own message
     records, good, invalid = _usable_records(data, settings.strict)
     val_ids = held_out(len(records), settings.val_fraction, settings.seed)
     writers = {"train": ShardWriter(tmp / "train"), "val": ShardWriter(tmp / "val")}
@@ -214,7 +228,8 @@ def format_report(report: dict[str, Any]) -> str:
 @click.argument("data", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--tokenizer", "tokenizer", required=True, type=click.Path(path_type=Path),
-              help="a SentencePiece tokenizer.model, or a parameter store (which names its tokenizer).")
+              help="a tokenizer.model (SentencePiece or Meta's tiktoken), a tokenizer.json, or a parameter store "
+                   "(which names its tokenizer).")
 @settings_options(TokenizeSettings, "settings")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="tokenizer processes [default: the CPU count, at most 8].")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from jora_model.errors import JoraError
-from jora_model.data.tokenizer import Tokenizer
+from jora_model.data.tokenizer import Tokenizer, load_tokenizer
 
 TEMPLATES: dict[str, tuple[str, str]] = {
     # (with input, without input): the Stanford Alpaca prompts
@@ -157,7 +157,7 @@ def held_out(n: int, fraction: float, seed: int) -> set[int]:
 
 @dataclasses.dataclass(frozen=True)
 class AlpacaConfig:
-    tokenizer: str  # a SentencePiece tokenizer.model, or a parameter store naming one
+    tokenizer: str  # a tokenizer file of any kind load_tokenizer reads, or a parameter store naming one
     max_seq_len: int = 2000  # longest example in tokens, bos and eos included
     val_fraction: float = 0.05  # share of records held out ("test" / "val")
     seed: int = 420  # decides the held-out records
@@ -176,7 +176,7 @@ def generate_alpaca_dataset(path: str | Path, split: str, config: Any) -> list[d
 
         config = AlpacaConfig(tokenizer=str(config_tokenizer(config)), max_seq_len=config.MAX_SEQ_LEN,
                               seed=config.SEED)
-    tokenizer = Tokenizer(config.tokenizer)
+    tokenizer = load_tokenizer(config.tokenizer)
     records = read_records(path)
     val_ids = held_out(len(records), config.val_fraction, config.seed)
     want_val = split != "train"

@@ -1,4 +1,5 @@
-"""The SentencePiece tokenizer as the data pipeline uses it: plain text in, ids out.
+"""The SentencePiece tokenizer as the data pipeline uses it: plain text in, ids out; and `load_tokenizer`,
+which opens any of the three kinds of tokenizer file (the others live in tiktoken_file and hf_tokenizer).
 
 Special tokens are never parsed out of text: SentencePiece encodes a literal "</s>" as ordinary pieces,
 so a record that mentions "</s>" cannot end an example early. bos/eos are added by id only.
@@ -45,22 +46,46 @@ def resolve_tokenizer(path: str | Path) -> Path:
         path = path / name
     if not path.is_file():
         raise JoraError("tokenizer file not found", path)
-    if path.suffix == ".json":
-        raise JoraError("a SentencePiece tokenizer.model is needed, not tokenizer.json", path)
     return path
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer in `path` (a file, or a parameter store naming one), whichever of the three kinds its
+    content shows: SentencePiece (`Tokenizer`), Meta's tiktoken ranks file or an HF tokenizer.json. Each
+    has encode/encode_array/encode_batch, decode, cut_point, piece, bos_id, eos_id, vocab_size and
+    word_cached, and none parses special tokens out of text."""
+    from jora_model.data.tokenizer_files import HF_JSON, TIKTOKEN, tokenizer_kind
+
+    path = resolve_tokenizer(path)
+    kind = tokenizer_kind(path)
+    if kind == TIKTOKEN:
+        from jora_model.data.tiktoken_file import TiktokenTokenizer
+
+        return TiktokenTokenizer(path)
+    if kind == HF_JSON:
+        from jora_model.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(path)
+    return Tokenizer(path)
 
 
 class Tokenizer:
     def __init__(self, path: str | Path):
         import sentencepiece
 
+        from jora_model.data.tokenizer_files import NOT_A_TOKENIZER, SENTENCEPIECE, tokenizer_kind
+
         self.path = resolve_tokenizer(path)
+        kind = tokenizer_kind(self.path)
+        if kind != SENTENCEPIECE:
+            raise JoraError(f"a SentencePiece model is needed here, not a {kind} file (use load_tokenizer)",
+                            self.path)
         self._sp = sentencepiece.SentencePieceProcessor()
         try:
             model = self.path.read_bytes()  # read once: the word encoder below parses the same bytes
             self._sp.LoadFromSerializedProto(model)
         except (OSError, RuntimeError):
-            raise JoraError("not a SentencePiece model (corrupt or wrong file)", self.path) from None
+            raise JoraError(NOT_A_TOKENIZER, self.path) from None
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
             raise JoraError("SentencePiece model has no bos or eos piece", self.path)
