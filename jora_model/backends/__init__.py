@@ -41,7 +41,7 @@ class Kernels:
 
     name: str
     # (stored dtype, stacked: bool) -> the dtype a frozen tensor reaches the step in (the same bytes;
-    # the cpu set takes stacked bf16 weights as uint16 bit patterns), and the two conversions:
+    # the cpu set takes stacked bf16 weights as integer bit patterns), and the two conversions:
     # params -> what the step hands the model, and a parameter as the model reads it.
     frozen_dtype: Callable
     encode_frozen: Callable
