@@ -20,6 +20,7 @@ from stages.convert import ConvertSettings, convert
 from tests.conftest import VOCAB
 from tests.oracles.checkpoints import (hf_to_meta_state_dict, meta_params, random_hf_llama,
                                        random_hf_llama_from_meta, write_hf_dir, write_meta_checkpoint)
+from tests.oracles.logits import hf_logits, max_diff
 from tests.oracles.meta_llama import meta_logits
 
 TOL = 1e-4
@@ -28,15 +29,6 @@ FP32 = ConvertSettings(dtype="fp32")
 
 def _tokens(batch: int = 2, seq: int = 24, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, seq))
-
-
-def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(tokens)).logits.float().numpy()
-
-
-def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a - b)))
 
 
 META_CASES = {
@@ -63,11 +55,11 @@ def test_meta_layout_matches_transformers_and_meta(case, tmp_path, tokenizer_mod
     tokens = _tokens()
     ours = model.logits(tokens)
     assert ours.dtype == np.float32 and ours.shape == (2, 24, VOCAB)
-    reference = _hf_logits(hf, tokens)
+    reference = hf_logits(hf, tokens)
     assert np.abs(reference).max() > 1.0  # logits large enough for the tolerance to mean something
-    assert _max_diff(ours, reference) < TOL
+    assert max_diff(ours, reference) < TOL
     meta = meta_logits(meta_sd, params, torch.as_tensor(tokens)).numpy()
-    assert _max_diff(ours, meta) < TOL
+    assert max_diff(ours, meta) < TOL
 
 
 def test_wrong_rotary_layout_is_caught(tmp_path, tokenizer_model, monkeypatch):
@@ -80,18 +72,18 @@ def test_wrong_rotary_layout_is_caught(tmp_path, tokenizer_model, monkeypatch):
     meta_sd = hf_to_meta_state_dict(hf.state_dict(), 4, 2)
     src = write_meta_checkpoint(tmp_path / "meta", meta_sd, params, 2, tokenizer_model)
     tokens = _tokens()
-    reference = _hf_logits(hf, tokens)
+    reference = hf_logits(hf, tokens)
 
     monkeypatch.setattr(meta_checkpoint, "interleaved_to_rotate_half", lambda w, n: w)
     convert(src, tmp_path / "unpermuted", FP32, progress=False)
-    assert _max_diff(load_model(tmp_path / "unpermuted").logits(tokens), reference) > 0.5
+    assert max_diff(load_model(tmp_path / "unpermuted").logits(tokens), reference) > 0.5
 
     # Permuting wk with the query-head count instead of the KV-head count: right shapes, wrong numbers.
     monkeypatch.undo()
     good = meta_checkpoint.interleaved_to_rotate_half
     monkeypatch.setattr(meta_checkpoint, "interleaved_to_rotate_half", lambda w, n: good(w, 4))
     convert(src, tmp_path / "wrong-kv", FP32, progress=False)
-    assert _max_diff(load_model(tmp_path / "wrong-kv").logits(tokens), reference) > 0.5
+    assert max_diff(load_model(tmp_path / "wrong-kv").logits(tokens), reference) > 0.5
 
 
 HF_CASES = {
@@ -111,7 +103,7 @@ def test_hf_directory_matches_transformers(case, tmp_path, tokenizer_model):
         assert (src / "model.safetensors.index.json").is_file()
     convert(src, tmp_path / "store", FP32, progress=False)
     tokens = _tokens(seq=20, seed=1)
-    assert _max_diff(load_model(tmp_path / "store").logits(tokens), _hf_logits(hf, tokens)) < TOL
+    assert max_diff(load_model(tmp_path / "store").logits(tokens), hf_logits(hf, tokens)) < TOL
 
 
 def test_bf16_store_keeps_bf16_weights_and_matches_rounded_reference(tmp_path, tokenizer_model):
@@ -126,7 +118,7 @@ def test_bf16_store_keeps_bf16_weights_and_matches_rounded_reference(tmp_path, t
         for p in hf.parameters():
             p.copy_(p.to(torch.bfloat16).float())
     tokens = _tokens(seed=2)
-    assert _max_diff(model.logits(tokens), _hf_logits(hf, tokens)) < TOL
+    assert max_diff(model.logits(tokens), hf_logits(hf, tokens)) < TOL
 
 
 def test_packed_segments_equal_separate_sequences(tmp_path, tokenizer_model):
@@ -138,7 +130,7 @@ def test_packed_segments_equal_separate_sequences(tmp_path, tokenizer_model):
     packed = np.concatenate([a, b], axis=1)
     segments = np.array([[1] * 10 + [2] * 14])
     out = model.logits(packed, segment_ids=segments)
-    assert _max_diff(out[:, :10], _hf_logits(hf, a)) < TOL
-    assert _max_diff(out[:, 10:], _hf_logits(hf, b)) < TOL
+    assert max_diff(out[:, :10], hf_logits(hf, a)) < TOL
+    assert max_diff(out[:, 10:], hf_logits(hf, b)) < TOL
     # and without segment ids the second example would see the first
-    assert _max_diff(model.logits(packed)[:, 10:], _hf_logits(hf, b)) > 0.1
+    assert max_diff(model.logits(packed)[:, 10:], hf_logits(hf, b)) > 0.1

@@ -26,6 +26,7 @@ from stages.convert import ConvertSettings, convert
 from tests.conftest import VOCAB
 from tests.oracles.checkpoints import (hf_to_meta_state_dict, meta_params, meta_split_dim, merge_meta_shards,
                                        random_hf_llama_from_meta, read_meta_shards, write_meta_checkpoint)
+from tests.oracles.logits import max_diff
 from tests.oracles.meta_llama import meta_logits
 
 TOL = 1e-4
@@ -49,10 +50,6 @@ def _oracle(state: dict[str, torch.Tensor], tokens: np.ndarray) -> np.ndarray:
     return meta_logits(state, params, torch.as_tensor(tokens)).numpy()
 
 
-def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a - b)))
-
-
 @pytest.mark.parametrize("shards", [1, 2, 4])
 def test_llama3_checkpoint_matches_meta(shards, tmp_path, tokenizer_model):
     state = _meta_state(seed=shards)
@@ -72,7 +69,7 @@ def test_llama3_checkpoint_matches_meta(shards, tmp_path, tokenizer_model):
     assert ours.dtype == np.float32 and ours.shape == (2, 256, VOCAB)
     reference = _oracle(state, tokens)
     assert np.abs(reference).max() > 1.0  # logits large enough for the tolerance to mean something
-    assert _max_diff(ours, reference) < TOL
+    assert max_diff(ours, reference) < TOL
 
 
 def test_the_family_comes_from_the_shard_shapes(tmp_path, tokenizer_model):
@@ -96,7 +93,7 @@ def test_llama2_split_embedding_with_llama3_params_still_converts(tmp_path, toke
     (src / "params.json").write_text(json.dumps({**params, "vocab_size": VOCAB}))
     convert(src, tmp_path / "store", FP32, progress=False)
     tokens = _tokens(seq=32)
-    assert _max_diff(load_model(tmp_path / "store").logits(tokens), _oracle(state, tokens)) < TOL
+    assert max_diff(load_model(tmp_path / "store").logits(tokens), _oracle(state, tokens)) < TOL
 
 
 def test_meta_family_of_each_shape():
@@ -146,7 +143,7 @@ def test_embedding_rows_in_the_wrong_place_are_caught(tmp_path, tokenizer_model,
     convert(src, tmp_path / "store", FP32, progress=False)
     monkeypatch.undo()
     tokens = _tokens(seq=32)
-    assert _max_diff(load_model(tmp_path / "store").logits(tokens), _oracle(state, tokens)) > 0.5
+    assert max_diff(load_model(tmp_path / "store").logits(tokens), _oracle(state, tokens)) > 0.5
 
 
 def test_shapes_that_fit_neither_family_are_one_line(tmp_path, tokenizer_model):

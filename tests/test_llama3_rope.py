@@ -31,6 +31,7 @@ from stages.convert import ConvertSettings, convert
 from stages.export import export
 from tests.conftest import VOCAB
 from tests.oracles.checkpoints import hf_to_meta_state_dict, random_hf_llama, write_hf_dir, write_meta_checkpoint
+from tests.oracles.logits import hf_logits, max_diff
 from tests.oracles.meta_llama import apply_scaling, meta_logits
 
 TOL = 1e-4
@@ -52,15 +53,6 @@ def _scaled_hf_llama(seed: int = 11, scaling: dict = SCALING, ffn_dim: int = 192
     return scaled.float().eval()
 
 
-def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(tokens)).logits.float().numpy()
-
-
-def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a - b)))
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tokenizer_model):
     root = tmp_path_factory.mktemp("llama3-rope")
@@ -68,7 +60,7 @@ def converted(tmp_path_factory, tokenizer_model):
     src = write_hf_dir(hf, root / "hf", tokenizer_model)
     convert(src, root / "store", ConvertSettings(dtype="fp32"), progress=False)
     tokens = np.random.default_rng(0).integers(3, VOCAB, size=(1, SEQ))
-    return root, hf, load_model(root / "store"), tokens, _hf_logits(hf, tokens)
+    return root, hf, load_model(root / "store"), tokens, hf_logits(hf, tokens)
 
 
 def test_the_converted_config_carries_the_scaling(converted):
@@ -89,13 +81,13 @@ def test_logits_match_transformers_on_long_sequences(converted):
     _, _, model, tokens, reference = converted
     ours = model.logits(tokens)
     assert ours.shape == (1, SEQ, VOCAB) and np.abs(reference).max() > 1.0
-    assert _max_diff(ours, reference) < TOL
+    assert max_diff(ours, reference) < TOL
 
 
 def test_dropping_the_scaling_is_caught(converted):
     _, _, model, tokens, reference = converted
     plain = LoadedModel(model.config.replace(**PLAIN), model.params, "float32")
-    assert _max_diff(plain.logits(tokens), reference) > 0.1
+    assert max_diff(plain.logits(tokens), reference) > 0.1
 
 
 def test_a_wrong_middle_band_is_caught(converted, monkeypatch):
@@ -112,7 +104,7 @@ def test_a_wrong_middle_band_is_caught(converted, monkeypatch):
 
     monkeypatch.setattr(llama, "rope_inv_freq", no_blend)
     wrong = LoadedModel(model.config, model.params, "float32")
-    assert _max_diff(wrong.logits(tokens), reference) > 100 * TOL
+    assert max_diff(wrong.logits(tokens), reference) > 100 * TOL
 
 
 def test_generation_past_the_original_context_matches_transformers(converted):
@@ -135,7 +127,7 @@ def test_export_writes_llama3_rope_that_transformers_reads(converted):
     loaded = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert loaded.config.rope_parameters["rope_type"] == "llama3"
     np.testing.assert_allclose(loaded.model.rotary_emb.inv_freq.numpy(), hf.model.rotary_emb.inv_freq.numpy())
-    assert _max_diff(_hf_logits(loaded, tokens), model.logits(tokens)) < TOL
+    assert max_diff(hf_logits(loaded, tokens), model.logits(tokens)) < TOL
     assert read_hf_config(out / "config.json")[0] == model.config
 
 
@@ -184,11 +176,11 @@ def test_meta_layout_with_use_scaled_rope_matches_meta_and_transformers(tmp_path
     write_hf_dir(hf, tmp_path / "hf")
     assert model.config == read_hf_config(tmp_path / "hf" / "config.json")[0].replace(max_seq_len=4096)  # params.json has none
     tokens = np.random.default_rng(5).integers(3, VOCAB, size=(1, 512))
-    ours, reference = model.logits(tokens), _hf_logits(hf, tokens)
-    assert _max_diff(ours, reference) < TOL
-    assert _max_diff(ours, meta_logits(state, params, torch.as_tensor(tokens)).numpy()) < TOL
+    ours, reference = model.logits(tokens), hf_logits(hf, tokens)
+    assert max_diff(ours, reference) < TOL
+    assert max_diff(ours, meta_logits(state, params, torch.as_tensor(tokens)).numpy()) < TOL
     plain = LoadedModel(model.config.replace(**PLAIN), model.params, "float32")
-    assert _max_diff(plain.logits(tokens), reference) > 100 * TOL
+    assert max_diff(plain.logits(tokens), reference) > 100 * TOL
 
 
 @pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
