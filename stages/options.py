@@ -82,7 +82,8 @@ def make_option(field: dataclasses.Field, spec: Setting, annotation: Any, dest: 
 
 
 def _options(cls: type, prefix: str, exclude: tuple[str, ...]):
-    """(dest, field path, option) for every command-line setting of `cls` and its nested settings."""
+    """(dest, option) for every command-line setting of `cls` and its nested settings; a nested
+    setting's dest joins the field names with "__"."""
     types = field_types(cls)
     for field in dataclasses.fields(cls):
         if field.name in exclude:
@@ -93,7 +94,7 @@ def _options(cls: type, prefix: str, exclude: tuple[str, ...]):
         spec = spec_of(field)
         if spec is not None and spec.cli:
             dest = prefix + field.name
-            yield dest, dest, make_option(field, spec, types[field.name], dest)
+            yield dest, make_option(field, spec, types[field.name], dest)
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
@@ -115,11 +116,11 @@ def settings_options(cls: type, into: str, exclude: tuple[str, ...] = ()):
     def decorate(fn):
         @functools.wraps(fn)
         def command(*args, **kwargs):
-            values = {dest: kwargs.pop(dest) for dest, _, _ in options}
+            values = {dest: kwargs.pop(dest) for dest, _ in options}
             kwargs[into] = _build(cls, values, into + "__")
             return fn(*args, **kwargs)
 
-        for _, _, option in reversed(options):  # click lists the last-applied option first
+        for _, option in reversed(options):  # click lists the last-applied option first
             command = option(command)
         return command
 
