@@ -34,7 +34,8 @@ class LlamaConfig:
     rope_original_max_len: int = 8192
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
+                     "rope_original_max_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise JoraError(f"model setting {name} must be a positive integer, got {value!r}")
@@ -61,9 +62,6 @@ class LlamaConfig:
                 raise JoraError(f"model setting {name} must be a positive number, got {value!r}")
             # floats, so that 8 and 8.0 give the same settings, hash and to_dict
             object.__setattr__(self, name, float(value))
-        original = self.rope_original_max_len
-        if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
-            raise JoraError(f"model setting rope_original_max_len must be a positive integer, got {original!r}")
         if self.rope_scaling_factor < 1:
             raise JoraError(f"rope_scaling_factor {self.rope_scaling_factor} must be at least 1")
         if self.rope_high_freq_factor <= self.rope_low_freq_factor:
@@ -132,10 +130,10 @@ PRESETS: dict[str, LlamaConfig] = {
     # Llama 3.1 (and 3.3's 70B): the 128k vocabulary, rope_theta 500000 and the llama3 scaled rotary.
     # Parameter counts 8,030,261,248 and 70,553,706,496.
     "llama3-8B": LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                             ffn_dim=meta_ffn_dim(4096, 1024, 1.3), norm_eps=1e-5, rope_theta=500000.0,
+                             ffn_dim=meta_ffn_dim(4096, 1024, 1.3), rope_theta=500000.0,
                              max_seq_len=131072, rope_scaling_factor=8.0),
     "llama3-70B": LlamaConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-                              ffn_dim=meta_ffn_dim(8192, 4096, 1.3), norm_eps=1e-5, rope_theta=500000.0,
+                              ffn_dim=meta_ffn_dim(8192, 4096, 1.3), rope_theta=500000.0,
                               max_seq_len=131072, rope_scaling_factor=8.0),
 }
 
