@@ -91,6 +91,7 @@ def test_tiktoken_ids_equal_tiktoken_itself(ranks_file):
     assert tok.eos_id == len(ranks) + 1
     assert tok.vocab_size == len(ranks) + 256 == tokenizer_vocab_size(ranks_file) == oracle.n_vocab
     assert oracle.encode_single_token("<|eot_id|>") == len(ranks) + 9
+    assert tok.end_ids == tuple(oracle.encode_single_token(t) for t in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"))
     assert oracle.encode_single_token("<|reserved_special_token_246|>") == len(ranks) + 255
     assert len(tok.encode(" the")) == 1 and len(tok.encode("123")) == 1  # the merges are used
     specials = set(range(len(ranks), len(ranks) + 256))
@@ -158,6 +159,7 @@ def test_hf_tokenizer_config_decides_eos(hf_json, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>",
                                                                 "bos_token": {"content": "<|begin_of_text|>"}}))
     assert (load_tokenizer(path).bos_id, load_tokenizer(path).eos_id) == (0, 2)
+    assert load_tokenizer(path).end_ids[0] == 2 and set(load_tokenizer(path).end_ids) == {1, 2}  # eos first
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
     with pytest.raises(JoraError, match="no eos token"):
         load_tokenizer(path)

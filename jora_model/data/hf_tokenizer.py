@@ -18,6 +18,8 @@ import numpy as np
 
 from jora_model.errors import JoraError
 
+# Tokens that end generation when the vocabulary has them (Llama 3's text, turn and tool-call ends; Llama 2's).
+_END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "</s>")
 _FALLBACK = {"bos_token": ("<|begin_of_text|>", "<s>"), "eos_token": ("<|end_of_text|>", "</s>")}
 
 
@@ -58,6 +60,8 @@ class HFTokenizer:
         self._tok.encode_special_tokens = True
         self.bos_id, self.eos_id = self._token_id("bos_token"), self._token_id("eos_token")
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ends = [self._tok.token_to_id(token) for token in _END_TOKENS]
+        self.end_ids = tuple(dict.fromkeys([self.eos_id] + [i for i in ends if i is not None]))
 
     def _token_id(self, key: str) -> int:
         configured = _configured_tokens(self.path).get(key)

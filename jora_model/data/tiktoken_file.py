@@ -24,6 +24,8 @@ _NAMED_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+# Every token that ends generation: the text, a chat turn, or a turn that awaits a tool's answer.
+END_TOKENS = (EOS, "<|eot_id|>", "<|eom_id|>")
 
 
 def special_tokens() -> list[str]:
@@ -52,6 +54,7 @@ class TiktokenTokenizer:
         self._n_ranks = len(ranks)
         self.bos_id = self._enc.encode_single_token(BOS)
         self.eos_id = self._enc.encode_single_token(EOS)
+        self.end_ids = tuple(self._enc.encode_single_token(token) for token in END_TOKENS)
         self.vocab_size = self._enc.n_vocab
 
     def encode(self, text: str) -> list[int]:

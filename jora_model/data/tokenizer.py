@@ -52,8 +52,9 @@ def resolve_tokenizer(path: str | Path) -> Path:
 def load_tokenizer(path: str | Path):
     """The tokenizer in `path` (a file, or a parameter store naming one), whichever of the three kinds its
     content shows: SentencePiece (`Tokenizer`), Meta's tiktoken ranks file or an HF tokenizer.json. Each
-    has encode/encode_array/encode_batch, decode, cut_point, piece, bos_id, eos_id, vocab_size and
-    word_cached, and none parses special tokens out of text."""
+    has encode/encode_array/encode_batch, decode, cut_point, piece, bos_id, eos_id, end_ids (every
+    token that ends generation, eos first), vocab_size and word_cached; none parses special tokens out
+    of text."""
     from jora_model.data.tokenizer_files import HF_JSON, TIKTOKEN, tokenizer_kind
 
     path = resolve_tokenizer(path)
@@ -89,6 +90,7 @@ class Tokenizer:
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
             raise JoraError("SentencePiece model has no bos or eos piece", self.path)
+        self.end_ids = (self.eos_id,)
         self.vocab_size = self._sp.GetPieceSize()
         self._words, self._dummy_prefix = _word_encoder(model)
         self._exact: dict[str, bytes] = {}  # word (its leading spaces included) -> int32 ids
