@@ -79,6 +79,7 @@ def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
 
 def _train(model, data, out, settings, init_adapter, resume, force, on_metrics, progress, warm_start,
            team) -> StageResult:
+    from jora_model.backends import resolve_kernels
     from jora_model.training.trainer import run_training
 
     settings = settings or TrainSettings()
@@ -113,7 +114,10 @@ def _train(model, data, out, settings, init_adapter, resume, force, on_metrics, 
         return {**facts, "steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
                 "resumed_from": result.resumed_from}
 
-    key_settings = {**settings.to_dict(), **({"warm_start": True} if warm_start else {})}
+    # The resolved kernel set, not "auto": cpu and portable kernels round differently, so a work directory
+    # moved from a CPU host to a GPU host must retrain rather than take the other set's adapter as its own.
+    key_settings = {**settings.to_dict(), "kernels": resolve_kernels(settings.kernels),
+                    **({"warm_start": True} if warm_start else {})}
     return run_stage("train", CODE_VERSION, out, {}, key_settings, build, force=force, upstream=upstream,
                      resumable=True, team=team)
 

@@ -58,6 +58,10 @@ def test_train_writes_everything_and_skips_when_done(inputs, tmp_path):
     assert "trained:" not in second.stdout  # no training ran ...
     assert file_identities(out) == before and (out / MANIFEST).read_bytes() == manifest  # ... nothing was rewritten
     assert not list(tmp_path.glob(".run.*"))  # ... and no work directory was made
+    # the key holds the kernel set "auto" resolved to (cpu here), so naming it is the same run
+    assert json.loads(manifest)["settings"]["kernels"] == "cpu"
+    named = subprocess.run(_train(store, data, out, "--kernels", "cpu"), capture_output=True, text=True)
+    assert named.returncode == 0 and "skipped" in named.stdout, named.stderr
 
 
 def test_kill_and_resume_gives_a_bitwise_identical_adapter(inputs, tmp_path):
