@@ -61,7 +61,9 @@ def _table(plan, title: str) -> str:
 
 
 @click.command("plan")
-@click.option("--preset", "preset_name", default=None, help="7B, 13B, 70B, llama3-8B, llama3-70B (or tiny, small, base110m, small128k).")
+@click.option("--preset", "preset_name", default=None,
+              help="7B, 13B, 70B, llama3-8B, llama3-70B, llama3.1-405B, llama3.2-1B, llama3.2-3B "
+                   "(or tiny, small, base110m, small128k).")
 @click.option("--model", "store", type=click.Path(path_type=Path), default=None,
               help="a parameter store (its settings and stored dtype).")
 @click.option("--seq", type=click.IntRange(min=2), default=2000, show_default=True, help="tokens per row.")

@@ -174,7 +174,8 @@ def test_meta_layout_with_use_scaled_rope_matches_meta_and_transformers(tmp_path
     convert(src, tmp_path / "store", ConvertSettings(dtype="fp32"), progress=False)
     model = load_model(tmp_path / "store")
     write_hf_dir(hf, tmp_path / "hf")
-    assert model.config == read_hf_config(tmp_path / "hf" / "config.json")[0].replace(max_seq_len=4096)  # params.json has none
+    # params.json has no context length: Meta's for Llama 3.1 (131072), as the HF config says
+    assert model.config == read_hf_config(tmp_path / "hf" / "config.json")[0] and model.config.max_seq_len == 131072
     tokens = np.random.default_rng(5).integers(3, VOCAB, size=(1, 512))
     ours, reference = model.logits(tokens), hf_logits(hf, tokens)
     assert max_diff(ours, reference) < TOL

@@ -1,7 +1,8 @@
 """A Hugging Face Llama directory (config.json + safetensors, sharded or not), read tensor by tensor.
 
 transformers already keeps q/k in the rotate-half convention we store, so nothing is permuted; its
-linear weights are [out, in] and are transposed to our [in, out].
+linear weights are [out, in] and are transposed to our [in, out]. With `tie_word_embeddings` the
+store gets no head tensor (the model reads the embedding as its head).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def is_hf_directory(src: Path) -> bool:
 class HFCheckpoint:
     def __init__(self, src: Path):
         self.src = Path(src)
-        self.config, self.tied = read_hf_config(self.src / "config.json")
+        self.config, _ = read_hf_config(self.src / "config.json")
         self.weight_map = self._weight_map()
         self.tokenizer = next((p for p in (self.src / "tokenizer.model", self.src / "tokenizer.json")
                                if p.is_file()), None)
@@ -60,13 +61,10 @@ class HFCheckpoint:
 
     def _expected_names(self) -> list[tuple[str, str, bool]]:
         """(HF name, store name, whether HF holds it transposed) of every tensor, in checkpoint order."""
-        names = []
-        for kind, layer in TABLE.order(self.config.n_layers):
-            hf_name = kind.hf_name(layer)
-            if kind.store == "lm_head" and hf_name not in self.weight_map and self.tied:
-                hf_name = TABLE.by_store("embed")[0].hf_name()  # tied head: the embedding, read a second time
-            names.append((hf_name, kind.store_name(layer), kind.transposed))
-        return names
+        # A tied head has no row here: the model reads the embedding (an lm_head.weight that a tied
+        # checkpoint also carries is ignored, as transformers ignores it when it ties the two).
+        return [(kind.hf_name(layer), kind.store_name(layer), kind.transposed)
+                for kind, layer in TABLE.tensors(self.config)]
 
     def tensor_count(self) -> int:
         return len(self._names)

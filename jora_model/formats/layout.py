@@ -19,8 +19,8 @@ LINEAR_NAMES = tuple(kind.lora_target for kind in TABLE.kinds if kind.lora)
 
 
 def store_tensors(config: LlamaConfig) -> list[tuple[str, Shape]]:
-    """Every tensor of the store, in checkpoint order (embedding, layer by layer, norm, head)."""
-    return [(kind.store_name(layer), kind.shape(config)) for kind, layer in TABLE.order(config.n_layers)]
+    """Every tensor of the store, in checkpoint order (embedding, layer by layer, norm, head unless tied)."""
+    return [(kind.store_name(layer), kind.shape(config)) for kind, layer in TABLE.tensors(config)]
 
 
 class ParamSpec:
@@ -38,9 +38,10 @@ class ParamSpec:
 
 def param_specs(config: LlamaConfig) -> list[ParamSpec]:
     """Every leaf of the Haiku tree: the global tensors, then the stacked per-layer ones."""
+    kinds = TABLE.of(config).kinds
     specs = [ParamSpec(k.module, k.param, k.shape(config), [k.store_name()], False)
-             for k in TABLE.kinds if not k.per_layer]
-    for k in [k for k in TABLE.kinds if k.per_layer]:
+             for k in kinds if not k.per_layer]
+    for k in [k for k in kinds if k.per_layer]:
         keys = [k.store_name(i) for i in range(config.n_layers)]
         specs.append(ParamSpec(k.module, k.param, (config.n_layers, *k.shape(config)), keys, True))
     return specs

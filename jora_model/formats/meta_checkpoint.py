@@ -4,6 +4,7 @@ by tensor and merged across model-parallel shards the way Meta's model.py split 
 Names, split dims (fairscale's layers in Meta's model.py) and which rows are rotary come from the
 name table (names.py); rope.freqs is unused. Llama 2 and Llama 3 checkpoints differ in how the shards
 split the embedding, which the shards' shapes tell apart (meta_family), so no flag has to say which.
+Likewise a tied output head (Llama 3.2 1B/3B) is told by the shards themselves (_head_is_tied).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from jora_model.errors import JoraError
-from jora_model.formats.names import LLAMA2, LLAMA3, TABLE, TensorKind
+from jora_model.formats.names import LLAMA2, LLAMA3, TABLE, TIED_TO, TensorKind
 from jora_model.model.config import read_json_object, read_meta_params
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -79,6 +80,15 @@ def _load_shard(path: Path) -> dict:
     return state
 
 
+def _same_tensor(a, b) -> bool:
+    """Bitwise equal torch tensors; the first rows first, so an untied head costs one row to tell."""
+    import torch
+
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(torch.equal(a[:1], b[:1]) and torch.equal(a, b))
+
+
 def _to_numpy(tensor, path: Path, name: str) -> np.ndarray:
     import ml_dtypes
     import torch
@@ -130,7 +140,8 @@ class MetaCheckpoint:
         tokenizer = self.src / "tokenizer.model"
         self.tokenizer = tokenizer if tokenizer.is_file() else None
         self.family, vocab_size = self._read_layout(params_path)
-        self.config = read_meta_params(params_path, vocab_size=vocab_size)
+        self.config = read_meta_params(params_path, vocab_size=vocab_size).replace(
+            tie_word_embeddings=self._head_is_tied())
         n = len(self.shards)
         for what, count in (("n_heads", self.config.n_heads), ("n_kv_heads", self.config.n_kv_heads)):
             if count % n:
@@ -159,15 +170,31 @@ class MetaCheckpoint:
             raise JoraError("tok_embeddings.weight not found or not a matrix", self.shards[0])
         return int(embedding.shape[0]), int(embedding.shape[1])
 
+    def _head_is_tied(self) -> bool:
+        """Llama 3.2 1B and 3B tie the output head to the embedding; params.json does not say so.
+        Their shards hold no output.weight, or a copy of the embedding (llama-models' Transformer
+        always has an output layer and loads its state strictly): either means tied. A head equal
+        to the embedding computes the tied model's logits whatever the checkpoint meant, so storing
+        it once loses nothing."""
+        head, embed = (TABLE.by_store(name)[0].meta_name() for name in ("lm_head", TIED_TO))
+        states = [_load_shard(path) for path in self.shards]
+        holding = [head in state for state in states]
+        if any(holding) and not all(holding):
+            lacking = self.shards[holding.index(False)]
+            raise JoraError(f"tensor {head} not found (other shards hold it)", lacking)
+        # Llama 3 splits both on their vocabulary rows, so equal pieces mean equal tensors; Llama 2's
+        # pieces differ in shape and compare unequal, as its heads are never tied.
+        return all(_same_tensor(state[head], state.get(embed)) for state in states) if all(holding) else True
+
     def tensor_count(self) -> int:
-        return len(TABLE.order(self.config.n_layers))
+        return len(TABLE.tensors(self.config))
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray, Path]]:
         """(store name, [in, out] array in the checkpoint's dtype, file it came from), one at a time.
 
         The shards are reopened for each layer so the pages of tensors already converted are dropped
         with their mapping: resident memory stays near one layer, not the whole checkpoint."""
-        for group in TABLE.groups(self.config.n_layers):
+        for group in TABLE.of(self.config).groups(self.config.n_layers):
             states = [_load_shard(path) for path in self.shards]
             for kind, layer in group:
                 meta_name = kind.meta_name(layer)

@@ -12,6 +12,8 @@ One row per kind of base tensor; every reader, writer and sharding rule is deriv
     PEFT     LoRA keys on the HF module: `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`
     adapter  our adapter file: `layers.3.attention.q_proj.lora_a` [in, r] and `.lora_b` [r, out]
 The embedding is [V, D] in every format: it is a lookup table, not a matrix applied as `x @ w`.
+A tied output head (Llama 3.2 1B/3B, `tie_word_embeddings`) has no tensor in any format: the model
+reads the embedding as its head, and `NameTable.of(config)` leaves the head's row out.
 `axes` are the logical axes of one layer's tensor in the store's layout; parallel/sharding.py maps
 them to mesh axes (and gives LoRA's factors the axes of the base weight dimension they touch).
 """
@@ -57,6 +59,11 @@ class TensorKind:
     rotary_heads: str | None = None  # Meta's q/k: rows permuted to rotate-half per this many heads
     lora: bool = False  # a LoRA target; its target name (and PEFT's) is the module's last part
     meta_split_llama3: int | None | str = AS_LLAMA2  # the split dim in Llama 3's shards
+    tied_head: bool = False  # the output head: no tensor of its own when the config ties it to the embedding
+
+    def present(self, config: LlamaConfig) -> bool:
+        """Whether a model of `config` has this tensor (a tied head reads the embedding instead)."""
+        return not (self.tied_head and config.tie_word_embeddings)
 
     def meta_split_of(self, family: str) -> int | None:
         """The dim that model-parallel shards of Meta's `family` (LLAMA2 or LLAMA3) split."""
@@ -130,6 +137,15 @@ class NameTable:
     def order(self, n_layers: int) -> list[Entry]:
         return [entry for group in self.groups(n_layers) for entry in group]
 
+    def of(self, config: LlamaConfig) -> "NameTable":
+        """The rows of the tensors a model of `config` has, in the same order: every reader, writer
+        and list of parameters iterates this, so a tied head is absent from all of them at once."""
+        return NameTable(kind for kind in self.kinds if kind.present(config))
+
+    def tensors(self, config: LlamaConfig) -> list[Entry]:
+        """Every tensor of a model of `config`, in checkpoint order."""
+        return self.of(config).order(config.n_layers)
+
     def by_module(self, module: str) -> TensorKind:
         """The weight of a Haiku module (LoRA trees are keyed by module path)."""
         for kind in self.kinds:
@@ -193,5 +209,6 @@ TABLE = NameTable((
     TensorKind("final_norm", "final_norm", "scale", "model.norm.weight", "norm.weight", None, ("embed",),
                lambda c: (c.dim,)),
     TensorKind("lm_head", "lm_head", "w", "lm_head.weight", "output.weight", 0, ("embed", "vocab"),
-               lambda c: (c.dim, c.vocab_size), transposed=True),
+               lambda c: (c.dim, c.vocab_size), transposed=True, tied_head=True),
 ))
+TIED_TO = "embed"  # the store name of the tensor a tied head reads (transposed: logits = x @ embed.T)

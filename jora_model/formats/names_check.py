@@ -4,7 +4,7 @@ rows share, would convert, export or shard some tensor as another one without an
 from __future__ import annotations
 
 from jora_model.errors import JoraError
-from jora_model.formats.names import LAYER_AXIS, META_FAMILIES, RANK_AXIS, NameTable, TensorKind
+from jora_model.formats.names import LAYER_AXIS, META_FAMILIES, RANK_AXIS, TIED_TO, NameTable, TensorKind
 from jora_model.model.config import LlamaConfig
 
 # Every size differs from the others where Llama allows it, so a row with the wrong config field shows.
@@ -30,6 +30,13 @@ def _layout_problems(table: NameTable) -> list[str]:
     rows = [i for i, kind in enumerate(table.kinds) if kind.per_layer]
     if rows and rows != list(range(rows[0], rows[-1] + 1)):
         problems.append("the per-layer rows are not one block (checkpoint order needs them together)")
+    tied = [kind for kind in table.kinds if kind.tied_head]
+    embed = [kind for kind in table.kinds if kind.store == TIED_TO]
+    if len(tied) > 1:
+        problems.append("more than one row is the tied head")
+    for kind in tied:
+        if kind.per_layer or not embed or kind.shape(_SAMPLE) != embed[0].shape(_SAMPLE)[::-1]:
+            problems.append(f"tied head {kind.store} is not the transpose of a global {TIED_TO!r} row")
     for what, key in (("module", lambda k: k.module), ("Haiku path", lambda k: k.path)):
         seen = [key(kind) for kind in table.kinds]
         problems += [f"{what} {name!r} appears twice" for name in sorted({n for n in seen if seen.count(n) > 1})]

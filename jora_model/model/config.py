@@ -32,6 +32,9 @@ class LlamaConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    # the output head reads the embedding table (logits = x @ embed.T; Llama 3.2 1B and 3B): no head
+    # tensor of its own anywhere. Left out of to_dict when False, as untied stores always were.
+    tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
@@ -47,6 +50,9 @@ class LlamaConfig:
             raise JoraError(f"head dim {self.head_dim} must be even for rotary embeddings")
         if not (self.norm_eps > 0 and self.rope_theta > 0):
             raise JoraError("norm_eps and rope_theta must be positive")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise JoraError(f"model setting tie_word_embeddings must be true or false, "
+                            f"got {self.tie_word_embeddings!r}")
         self._check_rope_scaling()
 
     def _check_rope_scaling(self) -> None:
@@ -81,7 +87,8 @@ class LlamaConfig:
         d, e, f = self.dim, self.head_dim, self.ffn_dim
         attention = d * self.n_heads * e * 2 + d * self.n_kv_heads * e * 2
         block = attention + 3 * d * f + 2 * d
-        return 2 * self.vocab_size * d + self.n_layers * block + d
+        tables = 1 if self.tie_word_embeddings else 2  # the embedding, and the head unless tied to it
+        return tables * self.vocab_size * d + self.n_layers * block + d
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -89,6 +96,8 @@ class LlamaConfig:
             # plain rotary writes exactly what it wrote before scaling existed (store and adapter metadata)
             for name in _ROPE_SCALING_FIELDS:
                 del values[name]
+        if not self.tie_word_embeddings:
+            del values["tie_word_embeddings"]
         return values
 
     @classmethod
@@ -135,6 +144,18 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama3-70B": LlamaConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                               ffn_dim=meta_ffn_dim(8192, 4096, 1.3), rope_theta=500000.0,
                               max_seq_len=131072, rope_scaling_factor=8.0),
+    # Llama 3.1's 405B: Meta ships it in 8 or 16 model-parallel shards. Parameter count 405,853,388,800.
+    "llama3.1-405B": LlamaConfig(vocab_size=128256, dim=16384, n_layers=126, n_heads=128, n_kv_heads=8,
+                                 ffn_dim=meta_ffn_dim(16384, 4096, 1.2), rope_theta=500000.0,
+                                 max_seq_len=131072, rope_scaling_factor=8.0),
+    # Llama 3.2's small models: the head tied to the embedding, and rotary scaled by 32.
+    # Parameter counts 1,235,814,400 and 3,212,749,824.
+    "llama3.2-1B": LlamaConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                               ffn_dim=meta_ffn_dim(2048, 256, 1.5), rope_theta=500000.0,
+                               max_seq_len=131072, rope_scaling_factor=32.0, tie_word_embeddings=True),
+    "llama3.2-3B": LlamaConfig(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8,
+                               ffn_dim=meta_ffn_dim(3072, 256, 1.0), rope_theta=500000.0,
+                               max_seq_len=131072, rope_scaling_factor=32.0, tie_word_embeddings=True),
 }
 
 
@@ -149,8 +170,8 @@ BENCH_SHAPES: dict[str, LlamaConfig] = {
 
 
 def preset(name: str) -> LlamaConfig:
-    """Llama-2's 7B/13B/70B, Llama 3.1's llama3-8B/llama3-70B, or a benchmark shape (tiny, small,
-    base110m, small128k); case-insensitive."""
+    """Llama-2's 7B/13B/70B, Llama 3.1's llama3-8B/llama3-70B/llama3.1-405B, Llama 3.2's
+    llama3.2-1B/llama3.2-3B, or a benchmark shape (tiny, small, base110m, small128k); case-insensitive."""
     table = {**{k.lower(): v for k, v in PRESETS.items()}, **BENCH_SHAPES}
     try:
         return table[name.lower()]
@@ -202,23 +223,56 @@ def read_meta_params(path: Path, vocab_size: int | None = None) -> LlamaConfig:
         vocab_size = file_vocab
     if vocab_size is None:
         raise JoraError("vocab_size is -1 and no tokenizer or output weight gives it", path)
+    _refuse_other_architectures(p, path)
     try:
         return LlamaConfig(
             vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
             ffn_dim=meta_ffn_dim(dim, multiple_of, multiplier),
-            norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 10000.0)),
-            max_seq_len=int(p.get("max_seq_len", 4096)), **_meta_rope_scaling(p, path),
+            norm_eps=float(_number(p, "norm_eps", 1e-5, path)),
+            rope_theta=float(_number(p, "rope_theta", 10000.0, path)),
+            max_seq_len=_number(p, "max_seq_len", _meta_context(p), path, integer=True),
+            **_meta_rope_scaling(p, path),
         )
     except JoraError as exc:
         raise JoraError(str(exc), path) from None
 
 
-def _number(values: dict[str, Any], key: str, default: Any, path: Path) -> Any:
-    value = values.get(key)
-    value = default if value is None else value
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise JoraError(f"field {key!r} must be a number ({value!r})", path)
+LLAMA3_VOCAB = 128256  # Llama 3's tiktoken vocabulary, which its params.json writes out
+
+
+def _meta_context(p: dict[str, Any]) -> int:
+    """The context Meta trained for, which params.json does not say (Meta's code takes it as an
+    argument): Llama 3.1+ (scaled rotary) 131072, Llama 3 without scaling 8192, Llama 2 4096."""
+    if p.get("use_scaled_rope"):
+        return 131072
+    return 8192 if p.get("vocab_size") == LLAMA3_VOCAB else 4096
+
+
+def _number(values: dict[str, Any], key: str, default: Any, path: Path, integer: bool = False) -> Any:
+    """values[key], or `default` when the key is absent; an explicit null, a string or a bool is an
+    error (a number written wrongly must not silently become the default)."""
+    value = values.get(key, default)
+    kind = int if integer else (int, float)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        what = "an integer" if integer else "a number"
+        raise JoraError(f"field {key!r} must be {what} ({value!r})", path)
     return value
+
+
+# Settings of models that look like Llama in config.json but compute something else.
+_OTHER_ARCHITECTURE_KEYS = {
+    "sliding_window": "sliding-window attention (Mistral)",
+    "num_local_experts": "mixture of experts", "num_experts": "mixture of experts",
+    "num_experts_per_tok": "mixture of experts", "n_routed_experts": "mixture of experts",
+    "moe_args": "mixture of experts", "moe_intermediate_size": "mixture of experts",
+}
+
+
+def _refuse_other_architectures(values: dict[str, Any], path: Path) -> None:
+    for key, what in _OTHER_ARCHITECTURE_KEYS.items():
+        if values.get(key) not in (None, 0, False):
+            raise JoraError(f"{key} {values[key]!r} means {what}, which Llama does not have; jora converts "
+                            "Llama only", path)
 
 
 def _meta_rope_scaling(p: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -255,17 +309,22 @@ def _hf_rope(c: dict[str, Any], path: Path) -> tuple[float, dict[str, Any]]:
 
 
 def read_hf_config(path: Path) -> tuple[LlamaConfig, bool]:
-    """Read an HF Llama config.json; returns the settings and whether the output head is tied."""
+    """Read an HF Llama config.json; returns the settings and whether the output head is tied (the
+    same as the settings' tie_word_embeddings)."""
     path = Path(path)
     c = read_json_object(path)
     arch = c.get("architectures") or []
-    if c.get("model_type") != "llama" or (arch and "LlamaForCausalLM" not in arch):
-        what = c.get("model_type") or (arch[0] if arch else "unknown")
-        raise JoraError(f"not a Llama model (model_type {what!r}); jora converts LlamaForCausalLM only", path)
+    if c.get("model_type") != "llama" or not isinstance(arch, list) or any(a != "LlamaForCausalLM" for a in arch):
+        what = f"model_type {c.get('model_type')!r}" if c.get("model_type") != "llama" else f"architectures {arch!r}"
+        raise JoraError(f"not a Llama model ({what}); jora converts LlamaForCausalLM only", path)
+    _refuse_other_architectures(c, path)
     if c.get("hidden_act", "silu") != "silu":
         raise JoraError(f"hidden_act {c['hidden_act']!r} is not Llama's silu", path)
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise JoraError("attention or MLP biases are not part of Llama and are not supported", path)
+    tied = c.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise JoraError(f"field 'tie_word_embeddings' must be true or false ({tied!r})", path)
     theta, scaling = _hf_rope(c, path)
     dim = _require(c, "hidden_size", int, path)
     n_heads = _require(c, "num_attention_heads", int, path)
@@ -278,10 +337,10 @@ def read_hf_config(path: Path) -> tuple[LlamaConfig, bool]:
             n_layers=_require(c, "num_hidden_layers", int, path), n_heads=n_heads,
             n_kv_heads=c.get("num_key_value_heads") or n_heads,
             ffn_dim=_require(c, "intermediate_size", int, path),
-            norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            max_seq_len=int(c.get("max_position_embeddings", 4096)), **scaling,
+            norm_eps=float(_number(c, "rms_norm_eps", 1e-6, path)), rope_theta=float(theta),
+            max_seq_len=_number(c, "max_position_embeddings", 4096, path, integer=True),
+            tie_word_embeddings=tied, **scaling,
         )
     except JoraError as exc:
         raise JoraError(str(exc), path) from None
-    return config, bool(c.get("tie_word_embeddings", False))
-
+    return config, tied

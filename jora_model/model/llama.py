@@ -10,7 +10,7 @@ Parameter paths (the names sharding rules and LoRA targets match on; formats/nam
     layers/ffn_norm/scale               [L, D]
     layers/mlp/{gate,up,down}_proj/w    [L, in, out]
     final_norm/scale                    [D]
-    lm_head/w                           [D, V]
+    lm_head/w                           [D, V]  (absent when tied: the head reads embed/embeddings)
 Per-layer weights are stacked on L and the decoder runs as one scanned layer (hk.layer_stack): one
 compiled layer instead of L copies, and a natural unit for rematerialisation.
 
@@ -124,10 +124,29 @@ class Embed(hk.Module):
         super().__init__(name=name)
         self.shape, self.options = (vocab_size, dim), options
 
+    def table(self) -> jax.Array:  # [V, D]
+        return _weight(self.options, "embeddings", self.shape, jnp.dtype(self.options.param_dtype),
+                       init=hk.initializers.RandomNormal(1.0))
+
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        table = _weight(self.options, "embeddings", self.shape, jnp.dtype(self.options.param_dtype),
-                                 init=hk.initializers.RandomNormal(1.0))
-        return jnp.take(table, tokens, axis=0).astype(self.options.compute_dtype)
+        return jnp.take(self.table(), tokens, axis=0).astype(self.options.compute_dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
+        """The tied output head: x @ table.T, contracted on both operands' last axis (no transposed copy
+        of the table), operands in the compute dtype with fp32 accumulation, as Linear's product."""
+        cdt = jnp.dtype(self.options.compute_dtype)
+        return jax.lax.dot_general(x.astype(cdt), self.table().astype(cdt), (((x.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+
+def output_head(config: LlamaConfig, options: ModelOptions, embed: Embed, x: jax.Array) -> jax.Array:
+    """Logits [B, T, V] in fp32 from the final hidden states: lm_head/w, or the embedding when tied;
+    both round through the compute dtype as a Linear's output does."""
+    if config.tie_word_embeddings:
+        logits = embed.attend(x).astype(options.compute_dtype)
+    else:
+        logits = linear(config.vocab_size, options, "lm_head")(x)
+    return logits.astype(jnp.float32)
 
 
 class RMSNorm(hk.Module):
@@ -261,7 +280,8 @@ def cached_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array
     Call inside hk.transform; the parameters are the same as llama_forward's."""
     t, length = tokens.shape[1], cache.k.shape[2]
     positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), tokens.shape)
-    x = Embed(config.vocab_size, config.dim, options)(tokens)
+    embed = Embed(config.vocab_size, config.dim, options)
+    x = embed(tokens)
     cos, sin = rotary_tables(positions, config)
     # a query sees every cached key at or before its own position (later slots are empty or stale)
     slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (tokens.shape[0], length))
@@ -279,7 +299,7 @@ def cached_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array
     stack = hk.layer_stack(config.n_layers, with_per_layer_inputs=True, name=STACK_NAME)
     x, (k_all, v_all) = stack(layer)(x, (cache.k, cache.v))
     x = RMSNorm(config.norm_eps, options, "final_norm")(x)
-    return linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32), KVCache(k_all, v_all)
+    return output_head(config, options, embed, x), KVCache(k_all, v_all)
 
 
 def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
@@ -291,13 +311,14 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
     each token's offset inside its segment, so packing does not change any example's logits.
     training: LoRA dropout on (needs an rng in apply).
     hidden: return the final-normed hidden states [B, T, D] in the compute dtype instead of the
-    logits (the loss applies lm_head/w itself, chunk by chunk: see loss.py).
+    logits (the loss applies the head itself, chunk by chunk: see loss.py's head_weight).
     """
     if segment_ids is None:
         segment_ids = jnp.zeros(tokens.shape, jnp.int32)
     if positions is None:
         positions = segment_positions(segment_ids)
-    x = Embed(config.vocab_size, config.dim, options)(tokens)
+    embed = Embed(config.vocab_size, config.dim, options)
+    x = embed(tokens)
     cos, sin = rotary_tables(positions, config)
     visibility = Visibility.causal(segment_ids)
     stack = hk.layer_stack(config.n_layers, name=STACK_NAME, unroll=options.scan_unroll)
@@ -305,7 +326,7 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
     x = RMSNorm(config.norm_eps, options, "final_norm")(x)
     if hidden:
         return x
-    return linear(config.vocab_size, options, "lm_head")(x).astype(jnp.float32)
+    return output_head(config, options, embed, x)
 
 
 def transformed(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:

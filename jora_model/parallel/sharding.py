@@ -21,7 +21,9 @@ from jora_model.model.config import LlamaConfig
 def param_rules() -> dict[str, tuple[str, ...]]:
     """The logical axes of every parameter the model can have, by "module/param" path. A base weight's
     axes come from the name table; LoRA's A and B on a linear layer take the axis of the base weight
-    dimension each shares with it (A the input, B the output), and the rank is replicated."""
+    dimension each shares with it (A the input, B the output), and the rank is replicated. A model
+    whose head is tied has no lm_head/w leaf: its head is the embedding, whose vocabulary rows are
+    sharded as lm_head's columns would be, so its logits are split over `model` the same way."""
     lora_a, lora_b = LORA_LEAVES
     rules: dict[str, tuple[str, ...]] = {}
     for kind in TABLE.kinds:

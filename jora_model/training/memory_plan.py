@@ -81,8 +81,8 @@ class StepMemoryModel:
     # (backends/cpu/bits.py) and has nothing to convert before the layer loop
     layer_weight_copy_no_remat: int = 2  # the same without remat: XLA's CPU compiler still makes one
     # (a constant per layer-matrix entry on top of the per-token terms, fitted to XLA's account)
-    head_copies_with_accum: int = 4  # bytes per lm_head entry when grad_accum > 1: an fp32 copy
-    # hoisted out of the micro-batch loop
+    head_copies_with_accum: int = 4  # bytes per entry of the head the loss reads (lm_head, or the
+    # embedding it is tied to) when grad_accum > 1: an fp32 copy hoisted out of the micro-batch loop
 
 
 DEFAULT_STEP = StepMemoryModel()

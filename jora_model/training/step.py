@@ -22,7 +22,7 @@ from jora_model.model.llama import ModelOptions, transformed
 from jora_model.model.lora import LoraSettings, merge_params, target_specs
 from jora_model.parallel import sharding
 from jora_model.training.compiled import AheadOfTime
-from jora_model.training.loss import losses_from_hidden
+from jora_model.training.loss import head_weight, losses_from_hidden
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +97,9 @@ def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: Opti
     def losses(params, key, batch, training):
         hidden = model.apply(ops.encode_frozen(params), key, batch["input_ids"], batch["segment_ids"], None,
                              training, True)
-        return losses_from_hidden(hidden, params["lm_head"]["w"], batch["input_ids"], batch["loss_mask"],
-                                  batch["segment_ids"], kernels)
+        head, vocab_major = head_weight(params, config)
+        return losses_from_hidden(hidden, head, batch["input_ids"], batch["loss_mask"],
+                                  batch["segment_ids"], kernels, vocab_major)
 
     def micro_loss(trainable, frozen, micro, key):
         return losses(merge_params(frozen, trainable), key, micro, True)
