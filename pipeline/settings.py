@@ -45,7 +45,8 @@ _EVERY = None  # a LAYOUT entry's "every setting of the class"
 LAYOUT: dict[str, tuple[tuple[type, tuple[str, ...] | None], ...]] = {
     "": ((FlowSettings, ("workdir",)),),
     "model": ((FlowSettings, ("checkpoint",)), (ConvertSettings, ("dtype", "tokenizer"))),
-    "data": ((FlowSettings, ("path",)), (TokenizeSettings, ("max_seq_len", "val_fraction", "seed", "pack", "strict"))),
+    "data": ((FlowSettings, ("path",)), (TokenizeSettings, ("template", "system", "max_seq_len", "val_fraction", "seed",
+                                                             "pack", "strict"))),
     "lora": ((LoraSettings, _EVERY),),
     "train": ((TrainSettings, tuple(f.name for f, _ in settings_of(TrainSettings)
                                     if f.name not in ("max_seq_len", "pad_multiple", "eval_batch_size"))),
@@ -57,7 +58,6 @@ NOT_IN_YAML = {
     (TrainSettings, "max_seq_len"): "data.max_seq_len sets it, for tokenize and train alike",
     (TrainSettings, "pad_multiple"): "library only",
     (TrainSettings, "eval_batch_size"): "library only",
-    (TokenizeSettings, "template"): "one template so far",
     (ConvertSettings, "max_shard_bytes"): "the store's shard size: jora convert --max-shard-size only",
 }
 

@@ -1,8 +1,9 @@
 """Stage 2, tokenize: Alpaca JSON (or JSON Lines) -> tokenized Arrow shards with a response-only mask.
 
 Inputs: the data file and the tokenizer (SentencePiece, Meta's tiktoken ranks file or an HF tokenizer.json,
-with the tokenizer_config.json beside it when there is one). Output: `train/` and `val/` split directories
-of Arrow shards (jora_model.data.shards) and `stats.json`. Cache key: the input files' contents, every
+with the tokenizer_config.json beside it when there is one: its bos/eos and chat template). Output: `train/`
+and `val/` split directories of Arrow shards (jora_model.data.shards) that record the prompt template and
+system prompt (jora_model.data.templates), and `stats.json`. Cache key: the input files' contents, every
 setting below and CODE_VERSION (the worker count is not in it: it never changes the bytes written).
 """
 
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 
 import click
 
-from jora_model.data.alpaca import TEMPLATES
+from jora_model.data.templates import NAMES as TEMPLATES
 from jora_model.errors import JoraError
 from jora_model.schema import check_settings, setting
 
@@ -37,7 +38,9 @@ class TokenizeSettings:
                                "context first, then instruction, never the response", ge=8)
     val_fraction: float = setting(0.05, "share of records held out for evaluation", ge=0, lt=1)
     seed: int = setting(420, "decides which records are held out")
-    template: str = setting("alpaca", "prompt template", choices=tuple(TEMPLATES))
+    template: str = setting("alpaca", "prompt template: alpaca, llama2-chat, llama3-chat, or auto (the tokenizer's "
+                            "own chat template, else alpaca)", choices=TEMPLATES)
+    system: str | None = setting(None, "system prompt of the template, e.g. \"Answer from the context.\"")
     pack: bool = setting(False, "pack several short examples per row (segment ids keep them apart)")
     strict: bool = setting(True, "stop at the first bad record (else skip bad records and count them)",
                            off="--lenient")
@@ -46,32 +49,35 @@ class TokenizeSettings:
         check_settings(self)
 
 
-# --- worker side: one tokenizer per process, loaded once -------------------------------------------
+# --- worker side: one tokenizer and template per process, loaded once -------------------------------
 _worker_tokenizer = None
+_worker_template = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
+def _init_worker(tokenizer_path: str, template: str, system: str | None) -> None:
+    global _worker_tokenizer, _worker_template
+    from jora_model.data.templates import load_template
     from jora_model.data.tokenizer import load_tokenizer
 
     _worker_tokenizer = load_tokenizer(tokenizer_path)
+    _worker_template = load_template(template, _worker_tokenizer, system)
 
 
-def _tokenize_chunk(task: tuple[list[tuple[int, dict]], int, str]) -> list:
+def _tokenize_chunk(task: tuple[list[tuple[int, dict]], int]) -> list:
     from jora_model.data.alpaca import tokenize_record
 
-    chunk, max_len, template = task
-    return [tokenize_record(_worker_tokenizer, record, i, max_len, template) for i, record in chunk]
+    chunk, max_len = task
+    return [tokenize_record(_worker_tokenizer, record, i, max_len, _worker_template) for i, record in chunk]
 
 
 def _tokenized(records: list[tuple[int, dict]], tokenizer_path: Path, settings: TokenizeSettings,
                workers: int) -> Iterator:
     """Examples in record order, tokenized by `workers` spawned processes (fork is unsafe once JAX or
     torch threads exist in the parent)."""
-    tasks = [(records[i:i + _CHUNK], settings.max_seq_len, settings.template)
-             for i in range(0, len(records), _CHUNK)]
+    tasks = [(records[i:i + _CHUNK], settings.max_seq_len) for i in range(0, len(records), _CHUNK)]
+    init = (str(tokenizer_path), settings.template, settings.system)
     if workers <= 1 or len(tasks) <= 1:
-        _init_worker(str(tokenizer_path))
+        _init_worker(*init)
         for task in tasks:
             yield from _tokenize_chunk(task)
         return
@@ -81,8 +87,7 @@ def _tokenized(records: list[tuple[int, dict]], tokenizer_path: Path, settings: 
     context = multiprocessing.get_context("spawn")
     # An executor, not multiprocessing.Pool: a worker that dies (out of memory, say) raises here instead
     # of leaving the parent waiting forever. map keeps the order: the same bytes every run.
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(str(tokenizer_path),)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init) as pool:
         try:
             for examples in pool.map(_tokenize_chunk, tasks):
                 yield from examples
@@ -156,12 +161,15 @@ def _build(tmp: Path, data: Path, tokenizer_path: Path, settings: TokenizeSettin
     from jora_model.data.alpaca import held_out
     from jora_model.data.packing import pack
     from jora_model.data.shards import Row, ShardWriter
+    from jora_model.data.templates import load_template
     from jora_model.data.tokenizer import load_tokenizer
 
-    load_tokenizer(tokenizer_path)  # a bad tokenizer fails here, in the parent, with its own message
+    # A bad tokenizer, or a template it cannot spell, fails here, in the parent, with its own message.
+    template = load_template(settings.template, load_tokenizer(tokenizer_path), settings.system)
     records, good, invalid = _usable_records(data, settings.strict)
     val_ids = held_out(len(records), settings.val_fraction, settings.seed)
-    writers = {"train": ShardWriter(tmp / "train"), "val": ShardWriter(tmp / "val")}
+    # The template goes into the shards so that generation prompts as training did.
+    writers = {split: ShardWriter(tmp / split, metadata=template.metadata()) for split in ("train", "val")}
     stats = {split: {"examples": 0, "rows": 0, "tokens": 0, "loss_tokens": 0, "lengths": []} for split in writers}
     dropped: Counter[str] = Counter({f"invalid record: {k}": v for k, v in invalid.items()})
     cut = {"examples": 0, "tokens": 0, "input": 0, "instruction": 0}
@@ -202,6 +210,7 @@ def _build(tmp: Path, data: Path, tokenizer_path: Path, settings: TokenizeSettin
                    {"length_histogram": _histogram(s["lengths"], settings.max_seq_len),
                     "longest": max(s["lengths"], default=0)} for split, s in stats.items()},
         "tokenizer": {"path": str(tokenizer_path)}, "settings": dataclasses.asdict(settings),
+        "template": template.name,
     }
     (tmp / "stats.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

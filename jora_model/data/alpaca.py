@@ -1,9 +1,10 @@
 """Alpaca records -> token ids with a loss mask over the response only.
 
-An example is `[bos] + prompt + response + [eos]`. The prompt is one of Stanford Alpaca's two
-templates, encoded as one string (as a user's prompt is at inference); the response is encoded on its
-own so the mask boundary is exact and decoding the masked tokens (less eos) gives the output back.
-loss_mask[t] is true where token t is a training target: every response token and the final eos.
+An example is the template's prompt ids then its reply ids (jora_model.data.templates). With the
+default alpaca template that is `[bos] + prompt + response + [eos]`: the prompt is one of Stanford
+Alpaca's two templates, encoded as one string (as a user's prompt is at inference); the response is
+encoded on its own so the mask boundary is exact and decoding the masked tokens (less eos) gives the
+output back. loss_mask[t] is true where token t is a training target: every reply token and its end token.
 
 Too long for max_len: the retrieved context (`input`) is cut from its end first, then the
 instruction; the response and its eos are never cut. When even an empty prompt leaves no room, the
@@ -15,12 +16,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jora_model.errors import JoraError
 from jora_model.data.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from jora_model.data.templates import Template
 
 TEMPLATES: dict[str, tuple[str, str]] = {
     # (with input, without input): the Stanford Alpaca prompts
@@ -71,14 +75,20 @@ class Example:
 
 
 def tokenize_record(tokenizer: Tokenizer, record: dict[str, str], example_id: int, max_len: int,
-                    template: str = "alpaca") -> Example:
+                    template: "str | Template" = "alpaca") -> Example:
+    """One record as the template lays it out (a template name is loaded for `tokenizer`, without a
+    system prompt; pass a loaded Template to tokenize many records)."""
+    from jora_model.data.templates import load_template
+
+    if isinstance(template, str):
+        template = load_template(template, tokenizer)
     instruction = record.get("instruction") or ""
     context = record.get("input") or ""
-    response_ids = tokenizer.encode_array(record.get("output") or "")
-    budget = max_len - 2 - len(response_ids)  # room for the prompt after bos, response and eos
-    if budget < 0:
+    reply_ids = template.reply_ids(instruction, context, record.get("output") or "")
+    budget = max_len - len(reply_ids)  # room for the prompt, bos included
+    if budget < 1:
         return Example(example_id, None, None, dropped="response longer than max_seq_len")
-    prompt_ids = tokenizer.encode_array(render_prompt(instruction, context, template))
+    prompt_ids = template.prompt_ids(instruction, context)
     full_prompt_len = len(prompt_ids)
     cut_fields: list[str] = []
     # Each pass removes at least the excess (in tokens) from the field being cut; re-encoding the whole
@@ -95,11 +105,10 @@ def tokenize_record(tokenizer: Tokenizer, record: dict[str, str], example_id: in
                 cut_fields.append("instruction")
         else:
             return Example(example_id, None, None, dropped="response leaves no room for the prompt template")
-        prompt_ids = tokenizer.encode_array(render_prompt(instruction, context, template))
-    ids = np.concatenate([np.asarray([tokenizer.bos_id], dtype=np.int32), prompt_ids, response_ids,
-                          np.asarray([tokenizer.eos_id], dtype=np.int32)])
+        prompt_ids = template.prompt_ids(instruction, context)
+    ids = np.concatenate([prompt_ids, reply_ids])
     mask = np.zeros(len(ids), dtype=np.bool_)
-    mask[1 + len(prompt_ids):] = True
+    mask[len(prompt_ids):] = True
     return Example(example_id, ids, mask, full_prompt_len - len(prompt_ids), tuple(cut_fields))
 
 
@@ -161,7 +170,8 @@ class AlpacaConfig:
     max_seq_len: int = 2000  # longest example in tokens, bos and eos included
     val_fraction: float = 0.05  # share of records held out ("test" / "val")
     seed: int = 420  # decides the held-out records
-    template: str = "alpaca"
+    template: str = "alpaca"  # one of jora_model.data.templates.NAMES
+    system: str | None = None  # the system prompt of the template
 
 
 def generate_alpaca_dataset(path: str | Path, split: str, config: Any) -> list[dict[str, Any]]:
@@ -176,7 +186,10 @@ def generate_alpaca_dataset(path: str | Path, split: str, config: Any) -> list[d
 
         config = AlpacaConfig(tokenizer=str(config_tokenizer(config)), max_seq_len=config.MAX_SEQ_LEN,
                               seed=config.SEED)
+    from jora_model.data.templates import load_template
+
     tokenizer = load_tokenizer(config.tokenizer)
+    template = load_template(getattr(config, "template", "alpaca"), tokenizer, getattr(config, "system", None))
     records = read_records(path)
     val_ids = held_out(len(records), config.val_fraction, config.seed)
     want_val = split != "train"
@@ -187,7 +200,7 @@ def generate_alpaca_dataset(path: str | Path, split: str, config: Any) -> list[d
             raise JoraError(f"record {i}: {problem}", path)
         if (i in val_ids) != want_val:
             continue
-        example = tokenize_record(tokenizer, record, i, config.max_seq_len, config.template)
+        example = tokenize_record(tokenizer, record, i, config.max_seq_len, template)
         if example.dropped is None:
             out.append({"example_id": i, "input_ids": example.input_ids, "loss_mask": example.loss_mask})
     return out

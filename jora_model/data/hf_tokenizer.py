@@ -97,3 +97,12 @@ class HFTokenizer:
 
     def piece(self, token_id: int) -> str:
         return self._tok.id_to_token(int(token_id)) or ""
+
+    def added_tokens(self) -> dict[str, int]:
+        """Spelling -> id of the file's added tokens: the ones transformers splits a rendered chat
+        template on before encoding the text between them."""
+        return {token.content: token_id for token_id, token in self._tok.get_added_tokens_decoder().items()}
+
+    def special_id(self, token: str) -> int | None:
+        """The id of the added token spelled `token`, else None."""
+        return self.added_tokens().get(token)

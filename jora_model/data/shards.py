@@ -9,6 +9,9 @@ told apart by `segment_ids` (1, 2, ...). Columns:
     segment_ids  list<int32>     1 for every token unless packed
     length       int32           tokens in the row
 Training predicts token t+1 from tokens <= t: the loss at position t uses loss_mask[t + 1].
+
+The schema's metadata names the prompt template the rows were made with (`jora.template`, `jora.system`,
+`jora.chat_template`; see jora_model.data.templates). Shards without it were made with plain alpaca.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ class Row:
 
 
 class ShardWriter:
-    """Appends rows to `part-NNNNN.arrow` files of at most `rows_per_file` rows, in record batches."""
+    """Appends rows to `part-NNNNN.arrow` files of at most `rows_per_file` rows, in record batches;
+    `metadata` (str -> str) goes into every file's schema."""
 
-    def __init__(self, directory: Path, rows_per_file: int = 20000, rows_per_batch: int = 1000):
+    def __init__(self, directory: Path, rows_per_file: int = 20000, rows_per_batch: int = 1000,
+                 metadata: dict[str, str] | None = None):
         self.directory = Path(directory)
+        self.schema = SCHEMA.with_metadata(metadata) if metadata else SCHEMA
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rows_per_file, self.rows_per_batch = rows_per_file, rows_per_batch
         self._pending: list[Row] = []
@@ -65,12 +71,12 @@ class ShardWriter:
             if self._writer is None:
                 path = self.directory / f"part-{len(self.files):05d}.arrow"
                 self._sink = pa.OSFile(str(path), "wb")
-                self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+                self._writer = pa.ipc.new_file(self._sink, self.schema)
                 self.files.append(path)
                 self._rows_in_file = 0
             take = min(len(self._pending), self.rows_per_file - self._rows_in_file)
             rows, self._pending = self._pending[:take], self._pending[take:]
-            self._writer.write_batch(_to_batch(rows))
+            self._writer.write_batch(_to_batch(rows, self.schema))
             self._rows_in_file += take
             if self._rows_in_file >= self.rows_per_file:
                 self._close_file()
@@ -87,7 +93,7 @@ class ShardWriter:
         return self.files
 
 
-def _to_batch(rows: list[Row]) -> pa.RecordBatch:
+def _to_batch(rows: list[Row], schema: pa.Schema = SCHEMA) -> pa.RecordBatch:
     def lists(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
         offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
         np.cumsum([len(a) for a in arrays], out=offsets[1:])
@@ -101,7 +107,7 @@ def _to_batch(rows: list[Row]) -> pa.RecordBatch:
         lists([np.asarray(r.loss_mask, np.int8) for r in rows], pa.int8()),
         lists([np.asarray(r.segment_ids, np.int32) for r in rows], pa.int32()),
         pa.array([len(r.input_ids) for r in rows], pa.int32()),
-    ], schema=SCHEMA)
+    ], schema=schema)
 
 
 class ShardSet:
@@ -126,6 +132,11 @@ class ShardSet:
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def metadata(self) -> dict[str, str]:
+        """The first shard's schema metadata (str -> str): the prompt template, when not plain alpaca."""
+        raw = self._tables[0].schema.metadata or {}
+        return {key.decode(): value.decode() for key, value in raw.items()}
 
     def max_token_id(self) -> tuple[int, Path | None]:
         """The largest token id in the split and the file holding it."""

@@ -82,3 +82,7 @@ class TiktokenTokenizer:
 
     def piece(self, token_id: int) -> str:
         return self._enc.decode_single_token_bytes(int(token_id)).decode("utf-8", errors="replace")
+
+    def special_id(self, token: str) -> int | None:
+        """The id of the special token spelled `token`, else None."""
+        return self._enc.encode_single_token(token) if token in self._enc.special_tokens_set else None

@@ -52,9 +52,9 @@ def resolve_tokenizer(path: str | Path) -> Path:
 def load_tokenizer(path: str | Path):
     """The tokenizer in `path` (a file, or a parameter store naming one), whichever of the three kinds its
     content shows: SentencePiece (`Tokenizer`), Meta's tiktoken ranks file or an HF tokenizer.json. Each
-    has encode/encode_array/encode_batch, decode, cut_point, piece, bos_id, eos_id, end_ids (every
-    token that ends generation, eos first), vocab_size and word_cached; none parses special tokens out
-    of text."""
+    has encode/encode_array/encode_batch, decode, cut_point, piece, special_id, bos_id, eos_id,
+    end_ids (every token that ends generation, eos first), vocab_size and word_cached; none parses special
+    tokens out of text."""
     from jora_model.data.tokenizer_files import HF_JSON, TIKTOKEN, tokenizer_kind
 
     path = resolve_tokenizer(path)
@@ -145,6 +145,11 @@ class Tokenizer:
 
     def piece(self, token_id: int) -> str:
         return self._sp.IdToPiece(int(token_id))
+
+    def special_id(self, token: str) -> int | None:
+        """The id of `token` when the model has it as a control piece (as bos and eos are), else None."""
+        token_id = self._sp.PieceToId(token)
+        return token_id if self._sp.IsControl(token_id) and self._sp.IdToPiece(token_id) == token else None
 
 
 def _word_encoder(serialized: bytes):

@@ -1,4 +1,5 @@
-"""Text generation for inspection: a KV cache under jit, greedy or nucleus sampling, stop at eos.
+"""Text generation for inspection: a KV cache under jit, greedy or nucleus sampling, stop at any of the
+tokens that end generation (eos; a chat template's end of turn).
 
 The prompt is filled in one jitted call (padded to a multiple of 64 so few shapes compile); then one
 jitted call per new token reads and extends the cache. Padding written past the prompt is masked out
@@ -8,7 +9,7 @@ and overwritten by the first generated token before any query can see it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
@@ -45,13 +46,16 @@ class Generator:
         self._pick = jax.jit(_pick_token)
 
     def generate(self, prompt_ids: list[int], settings: SamplingSettings = SamplingSettings(),
-                 eos_id: int | None = 2) -> list[int]:
-        """New token ids after `prompt_ids` (which should start with bos), eos excluded."""
+                 eos_id: int | Collection[int] | None = 2) -> list[int]:
+        """New token ids after `prompt_ids` (which should start with bos), up to the first of `eos_id`
+        (one id, or every id that ends generation; None: none does), which is left out."""
         import jax
         import jax.numpy as jnp
 
         from jora_model.model.llama import empty_cache
 
+        stops = set() if eos_id is None else {int(eos_id)} if isinstance(eos_id, (int, np.integer)) else \
+            {int(i) for i in eos_id}
         n = len(prompt_ids)
         if n == 0:
             raise JoraError("empty prompt")
@@ -68,7 +72,7 @@ class Generator:
         position = n
         while len(out) < settings.max_new_tokens and position < length:
             token = int(self._pick(last, jax.random.fold_in(key, position), settings.temperature, settings.top_p)[0])
-            if eos_id is not None and token == eos_id:
+            if token in stops:
                 break
             out.append(token)
             logits, cache = self._step(self.model.params, jnp.asarray([[token]], jnp.int32), cache,
@@ -97,10 +101,13 @@ def _pick_token(logits, key, temperature, top_p):
 
 
 def generate_text(model: Any, tokenizer: Any, instruction: str, context: str = "",
-                  settings: SamplingSettings = SamplingSettings(), generator: Generator | None = None) -> str:
-    """The answer to one Alpaca-style request, prompted exactly as training saw it."""
-    from jora_model.data.alpaca import render_prompt
+                  settings: SamplingSettings = SamplingSettings(), generator: Generator | None = None,
+                  template: Any = None) -> str:
+    """The answer to one request, prompted exactly as training saw it: `template` is the training's
+    (a jora_model.data.templates.Template; None: plain alpaca). Generation stops at any of its stop ids."""
+    from jora_model.data.templates import load_template
 
+    template = template or load_template("alpaca", tokenizer)
     generator = generator or Generator(model)
-    ids = [tokenizer.bos_id] + tokenizer.encode(render_prompt(instruction, context))
-    return tokenizer.decode(generator.generate(ids, settings, tokenizer.eos_id))
+    ids = template.prompt_ids(instruction, context).tolist()
+    return tokenizer.decode(generator.generate(ids, settings, template.stop_ids))
