@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from jora_model.data.templates import NAMES as TEMPLATES
 from jora_model.errors import JoraError
 from jora_model.model.lora import LoraSettings
 from jora_model.training.bench import BenchSettings
@@ -90,14 +91,19 @@ def _overrides(values: tuple[str, ...]) -> dict:
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="where every stage writes its output [demo: the current directory; config: its workdir].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a setting, e.g. train.lr=2e-4.")
-def run_command(demo: bool, config: Path | None, workdir: Path | None, overrides: tuple[str, ...]) -> None:
+@click.option("--family", type=click.Choice(["llama2", "llama3"]), default=None,
+              help="with --demo: the tiny model's family (llama3: tiktoken tokenizer, scaled rotary) [llama2].")
+def run_command(demo: bool, config: Path | None, workdir: Path | None, overrides: tuple[str, ...],
+                family: str | None) -> None:
     """Run the finetune flow: convert, tokenize, train, merge, export; up-to-date stages are skipped."""
     if demo == (config is not None):
         raise JoraError("give exactly one of --demo or --config FILE")
+    if family is not None and not demo:
+        raise JoraError("--family chooses the demo's model; with --config the checkpoint decides")
     if demo:
         from pipeline.demo import run_demo
 
-        result = run_demo(workdir or Path("."))
+        result = run_demo(workdir or Path("."), family or "llama2")
         for name, stage in result.stages.items():
             click.echo(f"{name:15s} {'skipped (up to date)' if stage['skipped'] else 'ran':22s} {stage['path']}")
         click.echo(f"Hugging Face model: {result.hf_model}")
@@ -180,10 +186,17 @@ def gui_command(host: str, port: int, workdir: Path) -> None:
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def generate_command(model, adapter, prompt, context, data, limit, max_new_tokens, temperature, top_p, seed) -> None:
+@click.option("--tokenized", type=click.Path(path_type=Path), default=None,
+              help="the tokenize output the adapter was trained on: prompt with its template and system prompt.")
+@click.option("--template", type=click.Choice(TEMPLATES), default=None,
+              help="prompt template [default: the one --tokenized recorded, else alpaca].")
+@click.option("--system", default=None, help="system prompt [default: the one --tokenized recorded, else none].")
+def generate_command(model, adapter, prompt, context, data, limit, max_new_tokens, temperature, top_p, seed,
+                     tokenized, template, system) -> None:
     """Generate answers from --model (with --adapter) for --prompt or the records of --data."""
     from jora_model import JoraError, load_model
     from jora_model.data.alpaca import check_record, read_records
+    from jora_model.data.templates import load_template, shards_template
     from jora_model.model.generate import Generator, SamplingSettings, generate_text
     from jora_model.data.tokenizer import load_tokenizer
 
@@ -194,13 +207,15 @@ def generate_command(model, adapter, prompt, context, data, limit, max_new_token
         problem = check_record({"output": "", **record}) if isinstance(record, dict) else "not an object"
         if problem:
             raise JoraError(f"record {i}: {problem}", data)
-    loaded = load_model(model, dtype="float32", adapter=adapter)
     tokenizer = load_tokenizer(model)
+    template = (shards_template(tokenized, tokenizer, template, system) if tokenized is not None
+                else load_template(template or "alpaca", tokenizer, system))
+    loaded = load_model(model, dtype="float32", adapter=adapter)
     generator = Generator(loaded)
     settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
     for record in requests:
         answer = generate_text(loaded, tokenizer, record["instruction"], record.get("input") or "", settings,
-                               generator)
+                               generator, template)
         if data is not None:
             click.echo(f"### Instruction: {record['instruction']}")
         click.echo(answer)

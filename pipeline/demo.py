@@ -1,7 +1,8 @@
 """`jora run --demo`: the whole flow on bundled data and a tiny random Llama, in a work directory.
 
-The demo checkpoint (Meta's layout, with a SentencePiece tokenizer trained on the sample data) is
-built first, then the `finetune` flow runs every stage on it, and the trained model answers a question.
+The demo checkpoint (Meta's layout, with a tokenizer trained on the sample data: SentencePiece for the
+"llama2" family, a tiktoken ranks file for "llama3") is built first, then the `finetune` flow runs every
+stage on it, and the trained model answers a question.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pipeline.settings import DataSection, ExportSection, FinetuneSettings, Lora
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 SAMPLE, TINY_MODEL = DATA_DIR / "sample_alpaca.json", DATA_DIR / "tiny_llama.json"
+MODELS = {"llama2": TINY_MODEL, "llama3": DATA_DIR / "tiny_llama3.json"}  # the tiny model of each family
 QUESTION = "How often should the robot batteries be checked?"
 
 
@@ -28,15 +30,17 @@ class DemoResult:
     answer: str  # what the tiny random model learned to say in a minute: proof the pipeline runs
 
 
-def prepare_demo(workdir: Path) -> FinetuneSettings:
-    """Build the demo checkpoint (cached like a stage) and return the settings that run on it."""
+def prepare_demo(workdir: Path, family: str = "llama2") -> FinetuneSettings:
+    """Build the demo checkpoint of `family` (cached like a stage) and return the settings that run on it."""
     from pipeline.demo_source import make_demo_source
 
-    for path in (SAMPLE, TINY_MODEL):
+    if family not in MODELS:
+        raise JoraError(f"unknown demo family {family!r}; choose {' or '.join(MODELS)}")
+    for path in (SAMPLE, MODELS[family]):
         if not path.is_file():
             raise JoraError("bundled demo data not found (run from a checkout of jora)", path)
     workdir = Path(workdir).resolve()
-    source = make_demo_source(SAMPLE, TINY_MODEL, workdir / "demo-source")
+    source = make_demo_source(SAMPLE, MODELS[family], workdir / "demo-source", family)
     return demo_settings(workdir, source.out_dir, SAMPLE)
 
 
@@ -64,10 +68,10 @@ def answer(store: Path, adapter: Path, question: str = QUESTION, max_new_tokens:
     return generate_text(model, load_tokenizer(store), question, "", SamplingSettings(max_new_tokens=max_new_tokens))
 
 
-def run_demo(workdir: Path) -> DemoResult:
+def run_demo(workdir: Path, family: str = "llama2") -> DemoResult:
     from pipeline.flow import finetune
 
-    settings = prepare_demo(workdir)
+    settings = prepare_demo(workdir, family)
     result = finetune(settings)
     work = Path(settings.workdir)
     return DemoResult(work, Path(result["hf_model"]), Path(result["adapter"]),

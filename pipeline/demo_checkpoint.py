@@ -42,9 +42,16 @@ def _meta_tensors(config: LlamaConfig, rng: np.random.Generator):
 
 
 def write_random_meta_checkpoint(out_dir: Path, params: dict[str, Any], config: LlamaConfig,
-                                 tokenizer: Path | None, shards: int = 1, seed: int = 0) -> Path:
-    """Write params.json (as given), tokenizer.model and `shards` consolidated.NN.pth files in bf16."""
+                                 tokenizer: Path | None, shards: int = 1, seed: int = 0,
+                                 vocab_parallel: bool = False) -> Path:
+    """Write params.json (as given), tokenizer.model and `shards` consolidated.NN.pth files in bf16.
+    vocab_parallel: split the embedding on its vocabulary rows, as Llama 3's VocabParallelEmbedding does
+    (Llama 2's ParallelEmbedding splits the model dim)."""
     import torch
+
+    split = {**_SPLIT, "tok_embeddings": 0} if vocab_parallel else _SPLIT
+    if vocab_parallel and config.vocab_size % shards:
+        raise JoraError(f"{shards} shards cannot split a vocabulary of {config.vocab_size}")
 
     if config.n_kv_heads % shards or config.n_heads % shards:
         raise JoraError(f"{shards} shards cannot split {config.n_heads} heads / {config.n_kv_heads} KV heads")
@@ -58,7 +65,7 @@ def write_random_meta_checkpoint(out_dir: Path, params: dict[str, Any], config: 
     for name, value in _meta_tensors(config, rng):
         tensor = torch.from_numpy(np.asarray(value, np.float32)).to(torch.bfloat16)
         kind = name.split(".")[-2]
-        for rank, piece in enumerate(tensor.chunk(shards, dim=_SPLIT[kind]) if kind in _SPLIT
+        for rank, piece in enumerate(tensor.chunk(shards, dim=split[kind]) if kind in split
                                      else [tensor] * shards):
             states[rank][name] = piece.clone()
     head_dim = config.head_dim

@@ -1,7 +1,8 @@
 """Stage 1, convert: Meta's original checkpoint or an HF Llama directory -> our parameter store.
 
-Inputs: the checkpoint's files (which ones depends on the detected layout) and an optional tokenizer.
-Output: a parameter store (jora_model.formats.store) plus the stage manifest.
+Inputs: the checkpoint's files (which ones depends on the detected layout) and an optional tokenizer,
+with a tokenizer.json's tokenizer_config.json. Output: a parameter store (jora_model.formats.store), the
+tokenizer and its tokenizer_config.json copied beside it, plus the stage manifest.
 Cache key: content of those files, the store dtype and shard size, and CODE_VERSION.
 """
 
@@ -57,11 +58,15 @@ def input_files(src: Path, layout: str, tokenizer: Path | None) -> dict[str, Pat
     if layout == "meta":
         names = ["params.json", "tokenizer.model"] + sorted(p.name for p in src.glob("consolidated.*.pth"))
     else:
-        names = ["config.json", "tokenizer.model", "tokenizer.json", "model.safetensors.index.json"]
+        names = ["config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                 "model.safetensors.index.json"]
         names += sorted(p.name for p in src.glob("*.safetensors"))
     files = {name: src / name for name in names if (src / name).is_file()}
     if tokenizer is not None:
+        from jora_model.data.tokenizer_files import tokenizer_companions
+
         files["--tokenizer"] = tokenizer
+        files.update({f"--tokenizer:{name}": path for name, path in tokenizer_companions(tokenizer).items()})
     return files
 
 
@@ -76,12 +81,16 @@ def _open_checkpoint(src: Path, layout: str):
 
 
 def _check_tokenizer(tokenizer: Path, vocab_size: int, exact: bool) -> None:
-    from jora_model.data.tokenizer_files import tokenizer_vocab_size
+    from jora_model.data.tokenizer_files import HF_JSON, tokenizer_kind, tokenizer_vocab_size
 
     n = tokenizer_vocab_size(tokenizer)
     if n > vocab_size or (exact and n != vocab_size):
         raise JoraError(f"tokenizer has {n} ids but the model's embedding has {vocab_size} rows: "
                         "this tokenizer does not belong to this model", tokenizer)
+    if tokenizer_kind(tokenizer) == HF_JSON:  # its tokenizer_config.json must name tokens it has
+        from jora_model.data.tokenizer import load_tokenizer
+
+        load_tokenizer(tokenizer)
 
 
 def convert(src: str | Path, out: str | Path, settings: ConvertSettings = ConvertSettings(),
@@ -118,7 +127,7 @@ def convert(src: str | Path, out: str | Path, settings: ConvertSettings = Conver
             for name, array, source in checkpoint.tensors():
                 writer.write(name, array, source)
                 bar.update()
-        writer.finish()
+        writer.finish()  # copies the tokenizer and its companions (tokenizer_companions) into the store
         return {"layout": layout, "params": checkpoint.config.param_count(),
                 "config": checkpoint.config.to_dict()}
 

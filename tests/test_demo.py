@@ -44,3 +44,71 @@ def test_demo_runs_every_stage_then_skips_them(tmp_path):
     assert {name: file_identities(work / name) for name in outputs} == before
     # ... and no stage made a partial or work directory
     assert not [p.name for p in work.iterdir() if ".partial-" in p.name or ".work-" in p.name]
+
+
+def test_llama3_demo_exports_what_transformers_and_peft_load(tmp_path):
+    """`jora run --demo --family llama3`: a tiny Llama 3 in Meta's layout (tiktoken tokenizer.model,
+    vocabulary-parallel embedding in 2 shards, scaled rotary, fewer KV heads) through every stage. The
+    flow's exports check themselves against our logits; here transformers and peft load them too."""
+    import os
+
+    import numpy as np
+    import peft
+    import torch
+    import transformers
+
+    from jora_model.data.tokenizer import load_tokenizer
+    from jora_model.data.tokenizer_files import TIKTOKEN, tokenizer_kind
+    from stages.export import export
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    work = tmp_path / "w"
+    run = subprocess.run([JORA, "run", "--demo", "--family", "llama3", "--workdir", work], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Hugging Face model:" in run.stdout and "\nA: " in run.stdout
+    source = work / "demo-source"
+    params = json.loads((source / "params.json").read_text())
+    assert tokenizer_kind(source / "tokenizer.model") == TIKTOKEN
+    assert params["use_scaled_rope"] and params["n_kv_heads"] < params["n_heads"]
+    assert params["vocab_size"] == tokenizer_vocab_size(source / "tokenizer.model")  # written out, as Meta does
+    shards = sorted(source.glob("consolidated.*.pth"))
+    assert len(shards) == 2 and tuple(torch.load(shards[0], weights_only=True)["tok_embeddings.weight"].shape) == \
+        (params["vocab_size"] // 2, params["dim"])  # split on the vocabulary rows
+    for name in ("hf-model", "peft-adapter"):  # the flow's self-checks ran (a failed one stops the flow)
+        assert "max_abs_diff" in json.loads((work / name / "jora-manifest.json").read_text())["facts"], name
+
+    tokens = np.random.default_rng(0).integers(0, params["vocab_size"], size=(1, 64))
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(work / "hf-model"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(tokens)).logits.numpy()
+    ours = load_model(work / "merged", dtype="float32").logits(tokens)
+    assert np.abs(theirs - ours).max() < 1e-3 * max(1.0, float(np.abs(ours).max()))
+    base = export(work / "store", tmp_path / "base", dtype="fp32", verify=False).out_dir
+    with_adapter = peft.PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(work / "peft-adapter"))
+    with torch.no_grad():
+        theirs = with_adapter.eval()(torch.as_tensor(tokens)).logits.numpy()
+    ours = load_model(work / "store", dtype="float32", adapter=work / "train").logits(tokens)
+    assert np.abs(theirs - ours).max() < 1e-3 * max(1.0, float(np.abs(ours).max()))
+
+    tokenizer = load_tokenizer(work / "store")
+    auto = transformers.AutoTokenizer.from_pretrained(str(work / "hf-model"))
+    records = json.loads((Path(__file__).resolve().parents[1] / "data" / "sample_alpaca.json").read_text())
+    for text in [r["output"] for r in records[:8]] + ["caf\u00e9 \U0001f50b 12345  \t\n\n x", "<|eot_id|> as text"]:
+        assert auto(text, split_special_tokens=True)["input_ids"] == [tokenizer.bos_id] + tokenizer.encode(text)
+    generation = json.loads((work / "hf-model" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == list(tokenizer.end_ids) and len(tokenizer.end_ids) == 3
+
+
+def test_family_is_for_the_demo_only(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from tests.test_convert_stage import assert_clean_failure
+
+    config = tmp_path / "run.yaml"
+    config.write_text("workdir: w\n")
+    result = CliRunner().invoke(cli, ["run", "--config", str(config), "--family", "llama3"])
+    assert_clean_failure(result, "--family")
+    assert not (tmp_path / "w").exists()

@@ -77,6 +77,17 @@ def tokenizer_vocab_size(path: Path) -> int:
     return _sentencepiece_processor(path).GetPieceSize()
 
 
+def tokenizer_companions(path: Path) -> dict[str, Path]:
+    """Files beside a tokenizer that decide how it is used and so travel with it into a store: an HF
+    tokenizer.json's tokenizer_config.json names its bos and eos (an instruct model's eos is "<|eot_id|>";
+    without the file it would fall back to "<|end_of_text|>"). Name in the store -> file."""
+    path = Path(path)
+    config = path.with_name("tokenizer_config.json")
+    if tokenizer_kind(path) == HF_JSON and config.is_file() and config != path:
+        return {config.name: config}
+    return {}
+
+
 def _json_vocab_size(path: Path) -> int:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

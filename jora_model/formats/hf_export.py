@@ -4,7 +4,8 @@ checking both against our own model before anyone is told they are done.
 Our store already uses transformers' rotate-half q/k layout, so the weights only need transposing
 back to [out, in]. The tokenizer is written as tokenizer.json set up exactly like SentencePiece with
 Llama's settings (a "▁" prepended, spaces replaced, no pre-tokenizer, literal "</s>" kept as text),
-because transformers' own conversion drops the dummy prefix before a leading space.
+because transformers' own conversion drops the dummy prefix before a leading space. Llama 3's tokenizers
+(Meta's tiktoken file, an HF tokenizer.json) are exported and checked by hf_tokenizer_export.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def hf_rope(config: LlamaConfig) -> dict[str, Any]:
             "original_max_position_embeddings": config.rope_original_max_len}
 
 
-def hf_config(config: LlamaConfig, dtype: str) -> dict[str, Any]:
+def hf_config(config: LlamaConfig, dtype: str, tokens: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json; `tokens` gives bos_token_id and eos_token_id (the tokenizer's, as generation_config has
+    them; Llama 2's 1 and 2 without one)."""
+    tokens = tokens or {"bos_token_id": 1, "eos_token_id": 2}
     scaled = config.rope_scaling_factor is not None
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -48,8 +52,10 @@ def hf_config(config: LlamaConfig, dtype: str) -> dict[str, Any]:
         # transformers 5 reads rope_parameters; older versions read rope_theta and rope_scaling
         "rope_theta": config.rope_theta, "rope_parameters": hf_rope(config),
         **({"rope_scaling": {k: v for k, v in hf_rope(config).items() if k != "rope_theta"}} if scaled else {}),
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_word_embeddings,  # tied: no lm_head.weight in the files
+        "bos_token_id": tokens["bos_token_id"], "eos_token_id": tokens["eos_token_id"],
+        "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
         "dtype": dtype, "torch_dtype": dtype,
     }
 
@@ -59,7 +65,7 @@ def export_weights(store: Store, out_dir: Path, dtype: str, max_shard_bytes: int
     default to the store's own. Returns the total bytes written."""
     target = store_dtype(dtype)
     entries = []
-    for kind, layer in TABLE.order(store.config.n_layers):
+    for kind, layer in TABLE.tensors(store.config):
         shape = kind.shape(store.config)
         entries.append((kind.hf_name(layer), target, shape[::-1] if kind.transposed else shape))
     shards = plan_shards(entries, max_shard_bytes)
@@ -85,11 +91,16 @@ def export_weights(store: Store, out_dir: Path, dtype: str, max_shard_bytes: int
 
 
 def export_tokenizer(tokenizer_model: Path, out_dir: Path) -> None:
-    """tokenizer.model (for slow tokenizers), tokenizer.json and tokenizer_config.json."""
+    """tokenizer.model (for slow tokenizers), tokenizer.json and tokenizer_config.json; a Llama 3
+    tokenizer (tiktoken file or tokenizer.json) goes to hf_tokenizer_export."""
     from transformers import AutoTokenizer
 
     from jora_model.data.tokenizer import Tokenizer
+    from jora_model.data.tokenizer_files import SENTENCEPIECE, tokenizer_kind
+    from jora_model.formats.hf_tokenizer_export import export_llama3_tokenizer
 
+    if tokenizer_kind(tokenizer_model) != SENTENCEPIECE:
+        return export_llama3_tokenizer(tokenizer_model, out_dir)
     bos_id = Tokenizer(tokenizer_model).bos_id
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,10 +132,15 @@ def export_tokenizer(tokenizer_model: Path, out_dir: Path) -> None:
 
 
 def check_tokenizer(out_dir: Path, tokenizer_model: Path) -> None:
+    """AutoTokenizer on the export gives [bos] + our ids (hf_tokenizer_export checks the Llama 3 kinds)."""
     from transformers import AutoTokenizer
 
     from jora_model.data.tokenizer import Tokenizer
+    from jora_model.data.tokenizer_files import SENTENCEPIECE, tokenizer_kind
+    from jora_model.formats.hf_tokenizer_export import check_llama3_tokenizer
 
+    if tokenizer_kind(tokenizer_model) != SENTENCEPIECE:
+        return check_llama3_tokenizer(out_dir, tokenizer_model)
     ours = Tokenizer(tokenizer_model)
     theirs = AutoTokenizer.from_pretrained(str(out_dir))
     for text in TOKENIZER_CHECKS:
@@ -137,15 +153,20 @@ def check_tokenizer(out_dir: Path, tokenizer_model: Path) -> None:
 
 def write_hf_directory(store_path: Path, out_dir: Path, dtype: str = "bf16",
                        max_shard_bytes: int = 2 * 1024 ** 3) -> dict[str, Any]:
+    from jora_model.data.tokenizer import load_tokenizer
+    from jora_model.formats.hf_tokenizer_export import generation_config
+
     store = Store(store_path)
     try:
-        if store.tokenizer_path is None or store.tokenizer_path.suffix != ".model":
-            raise JoraError("the store has no SentencePiece tokenizer to export (convert with --tokenizer)",
-                            store_path)
+        if store.tokenizer_path is None:
+            raise JoraError("the store has no SentencePiece tokenizer, tiktoken file or tokenizer.json to export "
+                            "(convert with --tokenizer)", store_path)
+        tokenizer = load_tokenizer(store.tokenizer_path)
         torch_dtype = store_dtype(dtype).name
-        (out_dir / "config.json").write_text(json.dumps(hf_config(store.config, torch_dtype), indent=1) + "\n")
-        (out_dir / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False, "max_new_tokens": 256}, indent=1) + "\n")
+        generation = generation_config(tokenizer)
+        (out_dir / "config.json").write_text(json.dumps(hf_config(store.config, torch_dtype, generation), indent=1)
+                                             + "\n")
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=1) + "\n")
         total = export_weights(store, out_dir, dtype, max_shard_bytes)
         export_tokenizer(store.tokenizer_path, out_dir)
         check_tokenizer(out_dir, store.tokenizer_path)
@@ -177,7 +198,7 @@ def write_peft_adapter(adapter_path: Path, config: LlamaConfig, out_dir: Path, b
     return {"r": lora.r, "lora_alpha": lora.alpha, "targets": list(lora.targets), "tensors": len(tensors)}
 
 
-VERIFY_TOKENS = 24
+VERIFY_TOKENS = 256  # the issue's oracle standard; enough positions for rotary (and its scaling) to show
 
 
 def verify_tokens(vocab_size: int) -> np.ndarray:

@@ -78,6 +78,10 @@ class StoreWriter:
         if self.tokenizer is not None:
             tokenizer_name = self.tokenizer.name
             shutil.copyfile(self.tokenizer, self.out_dir / tokenizer_name)
+            from jora_model.data.tokenizer_files import tokenizer_companions
+
+            for name, path in tokenizer_companions(self.tokenizer).items():  # bos/eos settings travel with it
+                shutil.copyfile(path, self.out_dir / name)
         index = {
             "format": FORMAT, "version": VERSION, "config": self.config.to_dict(),
             "dtype": self.dtype.name, "tokenizer": tokenizer_name,
