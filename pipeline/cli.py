@@ -6,6 +6,7 @@ Bad input (a `JoraError`) prints one line and exits with status 2; `--debug` sho
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -166,13 +167,25 @@ def server_command(host: str, port: int, ui: bool) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               help="where relative paths in the form start and Demo builds its files [default: here].")
-def gui_command(host: str, port: int, workdir: Path) -> None:
-    """A local web page to configure, launch and watch a fine-tune (pip install 'jora[gui]')."""
+@click.option("--allow-host", "extra_hosts", multiple=True, metavar="NAME",
+              help="another host name the page may be reached by (beyond loopback, the machine's own are allowed).")
+def gui_command(host: str, port: int, workdir: Path, extra_hosts: tuple[str, ...]) -> None:
+    """A local web page to configure, launch and watch a fine-tune (pip install 'jora[gui]').
+
+    Bound beyond loopback (--host 0.0.0.0), the page asks for user "jora" and an access token:
+    $JORA_GUI_TOKEN, or one made up and printed here."""
     try:
-        from pipeline.gui.app import serve
+        from pipeline.gui.app import LOOPBACK, serve
     except ModuleNotFoundError as exc:
         raise JoraError(f"the GUI needs {exc.name}: pip install 'jora[gui]'") from None
-    serve(host, port, workdir)
+    token = None
+    if host not in LOOPBACK:
+        import secrets
+
+        token = os.environ.get("JORA_GUI_TOKEN") or secrets.token_urlsafe(18)
+        if "JORA_GUI_TOKEN" not in os.environ:
+            click.echo(f"jora gui: log in as user jora with the access token {token}")
+    serve(host, port, workdir, extra_hosts, token)
 
 
 @cli.command("generate")

@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -406,3 +408,80 @@ def test_gui_runs_the_demo_in_a_browser(tmp_path):
     # Nothing left the machine: every request the page made went to the local server.
     outside = [u for u in requests if not u.startswith((url, "data:", "blob:"))]
     assert not outside, outside[:5]
+
+
+def _status(port: int, host_header: str, path: str = "/") -> int:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path, headers={"Host": host_header})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def _serve(tmp_path, *args: str, env_extra: dict | None = None):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "GRADIO_ANALYTICS_ENABLED": "False",
+           **(env_extra or {})}
+    log = tmp_path / "gui.log"
+    with open(log, "w") as log_file:
+        gui = subprocess.Popen([JORA, "gui", "--port", str(port), "--workdir", tmp_path, *args], stdout=log_file,
+                               stderr=subprocess.STDOUT, env=env)
+    return port, gui, log
+
+
+def _stop(gui: subprocess.Popen) -> None:
+    gui.send_signal(signal.SIGINT)
+    try:
+        gui.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        gui.kill()
+        gui.wait()
+
+
+def test_gui_answers_only_its_own_host_names(tmp_path):
+    """A page on another site that reaches the GUI through DNS rebinding sends its own Host name: refused,
+    so it cannot press Stop or Launch; the names the GUI was started for are served."""
+    port, gui, log = _serve(tmp_path, "--allow-host", "trainer.lan")
+    try:
+        _wait_up(f"http://127.0.0.1:{port}/", gui, log)
+        for name in ("127.0.0.1", "localhost", "trainer.lan"):
+            assert _status(port, f"{name}:{port}") == 200, name
+        for name in ("evil.example", "127.0.0.1.evil.example", "localhost.evil.example"):
+            assert _status(port, f"{name}:{port}") == 400, name
+            assert _status(port, f"{name}:{port}", "/gradio_api/info") == 400, name
+    finally:
+        _stop(gui)
+
+
+def test_gui_beyond_loopback_asks_for_its_token(tmp_path):
+    port, gui, log = _serve(tmp_path, "--host", "0.0.0.0", env_extra={"JORA_GUI_TOKEN": "s3cret-token"})
+    try:
+        _wait_up(f"http://127.0.0.1:{port}/", gui, log)
+        assert _status(port, f"127.0.0.1:{port}", "/gradio_api/info") == 401  # the API needs the login
+        data = urllib.parse.urlencode({"username": "jora", "password": "wrong"}).encode()
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/login", data=data, timeout=10)
+        data = urllib.parse.urlencode({"username": "jora", "password": "s3cret-token"}).encode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", data=data, timeout=10) as response:
+            assert response.status == 200
+        assert _status(port, f"evil.example:{port}") == 400
+    finally:
+        _stop(gui)
+
+
+def test_messages_from_files_stay_text_on_the_page():
+    """A settings value quoted in an error must show as the characters it is, not as a link, an image
+    (which the browser would fetch from elsewhere) or HTML."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    from pipeline.gui.app import plain
+
+    hostile = "path ![x](http://evil.example/a.png) <img src=x onerror=alert(1)> [l](http://e) **b** `c` a_b\\n|x|"
+    rendered = MarkdownIt().render(plain(hostile))
+    assert "<img" not in rendered and "<a " not in rendered and "<strong>" not in rendered
+    assert html.unescape(rendered.strip().removeprefix("<p>").removesuffix("</p>")) == hostile

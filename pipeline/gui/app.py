@@ -10,6 +10,7 @@ child processes.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -101,8 +102,9 @@ class Controller:
         minutes, seconds = divmod(int(view.seconds), 60)
         status = {"running": f"**Running** for {minutes} min {seconds:02d} s ({view.where})",
                   "succeeded": f"**Finished** in {minutes} min {seconds:02d} s",
-                  "failed": f"**Failed**: {view.error or 'see the log'}",
-                  "stopped": f"**Stopped**: {view.error or 'the next launch resumes from the checkpoint'}"}[view.status]
+                  "failed": f"**Failed**: {plain(view.error) if view.error else 'see the log'}",
+                  "stopped": f"**Stopped**: "
+                             f"{plain(view.error) if view.error else 'the next launch resumes from the checkpoint'}"}[view.status]
         result = {"status": status, "stages": f"Work directory `{run.work}`\n\n| stage | state | output |\n|---|---|---|\n"
                   + "\n".join(rows),
                   "step": step_text, "evals": eval_text, "log": "\n".join(reversed(view.log[-200:])),
@@ -275,7 +277,7 @@ def _wire_events(gr, controller: Controller, buttons: SimpleNamespace, form: Sim
             problems = controller.problems(list(values[:-1]), values[-1] or "")
         except Exception as exc:  # a check that broke must not let a launch through unchecked
             problems = {"workdir": f"could not check the settings ({type(exc).__name__}: {exc})"}
-        marks = [gr.update(value=f"⚠ {problems[name]}", visible=True) if name in problems
+        marks = [gr.update(value=f"⚠ {plain(problems[name])}", visible=True) if name in problems
                  else gr.update(value="", visible=False) for name in names]
         if problems:
             return [f"**Not launched**: fix the {len(problems)} setting(s) marked ⚠ "
@@ -283,7 +285,7 @@ def _wire_events(gr, controller: Controller, buttons: SimpleNamespace, form: Sim
         try:
             return [controller.launch(list(values[:-1]), values[-1] or ""), *marks]
         except JoraError as exc:
-            return [f"**Not launched**: {exc}", *marks]
+            return [f"**Not launched**: {plain(exc)}", *marks]
 
     def on_tick(seen_key: str):
         snap = controller.snapshot()
@@ -308,6 +310,13 @@ def _wire_events(gr, controller: Controller, buttons: SimpleNamespace, form: Sim
                concurrency_limit=1)  # one at a time: a late older tick must not overwrite a newer one
 
 
+def plain(text: Any) -> str:
+    """`text` as literal Markdown: messages can quote values read from any JSON or YAML file, which
+    must not turn into links, images or HTML on the page. CommonMark lets a backslash escape any ASCII
+    punctuation."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", str(text))
+
+
 def _quietly(fn, fallback=None):
     try:
         return fn()
@@ -316,11 +325,32 @@ def _quietly(fn, fallback=None):
         return fallback
 
 
-def serve(host: str = "127.0.0.1", port: int = 7860, base: Path | None = None) -> None:
-    """Serve the page until interrupted (never shared: no tunnel, no public link)."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """The Host header names the page answers: a page on another site that reaches the server through
+    DNS rebinding carries its own name and is refused. Bound beyond loopback, the machine's own names
+    (and `extra`) are accepted as well."""
+    import socket
+
+    names = [*LOOPBACK, "[::1]", *extra]
+    if host not in LOOPBACK:
+        names += [socket.gethostname(), socket.getfqdn()] + ([host] if host not in ("0.0.0.0", "::") else [])
+    return list(dict.fromkeys(names))
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, base: Path | None = None, extra_hosts: tuple[str, ...] = (),
+          token: str | None = None) -> None:
+    """Serve the page until interrupted (never shared: no tunnel, no public link). Beyond loopback the
+    page asks for `token` (user "jora"): anyone on the network could otherwise launch runs."""
     import gradio as gr
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     page = build_app((base or Path.cwd()).resolve())
+    guard = Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, extra_hosts))
     page.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, quiet=False,
-        footer_links=[], theme=gr.themes.Default(), css=CSS)
+        footer_links=[], theme=gr.themes.Default(), css=CSS, app_kwargs={"middleware": [guard]},
+        auth=None if host in LOOPBACK else ("jora", token))
