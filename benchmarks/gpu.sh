@@ -25,7 +25,9 @@
 #      transformers and peft. The install counts against the 10 minutes.
 #
 # Knobs (environment): PRESET (7B), SEQS ("512 2048"), STEPS (10), WARMUP (3), BUDGET (560 s from the
-# start, installs included), DRY_RUN=1 (a CPU rehearsal of all of it: preset tiny, SEQS "128 512", 3
+# start, installs included), EXTRA_PRESETS ("small128k": after the main preset's eager runs, jora portable
+# and PEFT eager at each of these presets and the first seq; small128k = small with Llama 3's 128k
+# vocabulary, the head-and-loss-bound step of issue 21; "" for none), DRY_RUN=1 (a CPU rehearsal of all of it: preset tiny, SEQS "128 512", 3
 # steps, PEFT on the CPU, no nvidia-smi, BUDGET 240, the project's .venv).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,10 +55,12 @@ gpu_ready() {  # JAX sees a GPU and torch sees CUDA
 main() {
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     PRESET=${PRESET:-tiny}; SEQS=${SEQS:-128 512}; STEPS=${STEPS:-3}; WARMUP=${WARMUP:-1}; BUDGET=${BUDGET:-240}
+    EXTRA_PRESETS=${EXTRA_PRESETS-small128k}
     DEVICE=cpu
     PY=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 else
     PRESET=${PRESET:-7B}; SEQS=${SEQS:-512 2048}; STEPS=${STEPS:-10}; WARMUP=${WARMUP:-3}; BUDGET=${BUDGET:-560}
+    EXTRA_PRESETS=${EXTRA_PRESETS-small128k}
     DEVICE=cuda
     if [[ -n "${PYTHON:-}" ]]; then
         PY=$PYTHON
@@ -97,6 +101,7 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 stamp "benchmarking: $PRESET on $DEVICE, jax python $PY, torch python ${TORCH_PYTHON:-$PY}, budget $BUDGET s"
 "$PY" benchmarks/gpu_bench.py --out "$RES" --deadline $((START + BUDGET)) --preset "$PRESET" --seqs $SEQS \
     --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" --torch-python "${TORCH_PYTHON:-$PY}" \
+    --extra-presets $EXTRA_PRESETS \
     --command "$( [[ "${DRY_RUN:-0}" == 1 ]] && echo "DRY_RUN=1 ")bash benchmarks/gpu.sh"
 rc=$?
 stamp "gpu_bench exit status $rc; results in $RES"

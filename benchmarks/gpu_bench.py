@@ -12,6 +12,10 @@ the run. The first portable run also saves a jax.profiler trace of two steps (on
 in TRACE_LIMIT compressed). JAX children never import torch and PEFT children never import JAX
 (--torch-python may name another interpreter, e.g. a venv holding only the CUDA torch).
 
+--extra-presets (gpu.sh: EXTRA_PRESETS, default small128k) adds, after the main preset's eager runs and
+before torch.compile's, jora portable + PEFT eager at each named preset and the first seq: small128k is
+`small` with Llama 3's 128,256-token vocabulary, a step dominated by the output head and the loss.
+
     python benchmarks/gpu_bench.py --out DIR --deadline EPOCH_S [--preset 7B --device cuda ...]
 
 Writes to --out: env.txt, runs.jsonl (every child's JSON line), summary.json, section.md (the table as
@@ -255,14 +259,18 @@ def smoke(runner: Runner, shape: dict) -> dict[str, str | None]:
     return verdict
 
 
-def plan(seqs: list[int]) -> list[dict]:
-    """Configurations, most wanted first."""
+def plan(seqs: list[int], extra_presets: list[str] = ()) -> list[dict]:
+    """Configurations, most wanted first. Each extra preset (e.g. small128k: Llama 3's 128k head on a small
+    body) runs once at the first seq, jora portable kernels and PEFT eager, after the main preset's eager
+    runs and before torch.compile's; those without a "preset" key take the main one."""
     first, rest = seqs[0], seqs[1:]
     jora = lambda kernels, seq, **kw: {"side": "jora", "kernels": kernels, "seq": seq, **kw}  # noqa: E731
-    peft = lambda mode, seq: {"side": "peft", "mode": mode, "seq": seq}  # noqa: E731
+    peft = lambda mode, seq, **kw: {"side": "peft", "mode": mode, "seq": seq, **kw}  # noqa: E731
     order = [jora("portable", first, trace=True), peft("eager", first), jora("cpu", first)]
     for seq in rest:
         order += [jora("portable", seq), peft("eager", seq), jora("cpu", seq)]
+    for name in extra_presets:
+        order += [jora("portable", first, preset=name), peft("eager", first, preset=name)]
     return order + [peft("compile", seq) for seq in seqs]
 
 
@@ -275,7 +283,15 @@ def kind(c: dict) -> str:
     return "jora" if c["side"] == "jora" else f"peft {c['mode']}"
 
 
-def estimate(c: dict, done: list[dict], flops: dict[int, float], device: str) -> float:
+def flops_of(spec: dict) -> float:
+    """Model FLOPs of one step of spec's preset, seq and batch (`jora bench`'s count; numpy only)."""
+    from jora_model.model.config import preset
+    from jora_model.training.bench import model_flops_per_step
+
+    return model_flops_per_step(preset(spec["preset"]), spec["seq"], spec["batch"])
+
+
+def estimate(c: dict, done: list[dict], device: str) -> float:
     """Seconds config c should take: the setup of the last finished run of its kind (else a guess), plus
     its steps at the step time of a finished run of its kind scaled by model FLOPs (else nothing)."""
     same = [r for r in done if r["status"] == "ok" and r["phase"] == "timing" and kind(r["spec"]) == kind(c)]
@@ -283,7 +299,7 @@ def estimate(c: dict, done: list[dict], flops: dict[int, float], device: str) ->
         return SETUP_GUESS_S[device][kind(c)]
     r = same[-1]
     setup = r["wall_s"] - sum(r["warmup_s"]) - sum(r["step_times_s"])
-    step = r["median_step_s"] * flops[c["seq"]] / flops[r["spec"]["seq"]]
+    step = r["median_step_s"] * flops_of(c) / flops_of(r["spec"])
     compile_s = max(r["warmup_s"][:1] + [0]) * 1.5  # torch compiles in the first step
     return setup + compile_s + (c["warmup"] + c["steps"]) * step * 1.2
 
@@ -299,6 +315,8 @@ def main() -> None:
     parser.add_argument("--preset", default="7B")
     parser.add_argument("--seqs", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--extra-presets", nargs="*", default=[],
+                        help="also run these presets (jora portable + PEFT eager at the first seq), e.g. small128k")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the DRY_RUN rehearsal")
@@ -320,12 +338,12 @@ def main() -> None:
     write_env(runner, verdict)
     common = {"preset": args.preset, "batch": args.batch, "steps": args.steps, "warmup": args.warmup}
     skipped = []
-    for order, c in enumerate(plan(args.seqs)):
-        c = {**c, **common, "order": order}
+    for order, c in enumerate(plan(args.seqs, args.extra_presets)):
+        c = {**common, **c, "order": order}
         if c["side"] == "peft":
-            c.update(shape=config.to_dict(), device=args.device, threads=args.threads)
-        name = f"{label(c)} seq {c['seq']}"
-        need, left = estimate(c, runner.results, flops, args.device), runner.left()
+            c.update(shape=preset(c["preset"]).to_dict(), device=args.device, threads=args.threads)
+        name = f"{label(c)} seq {c['seq']}" + (f" {c['preset']}" if c["preset"] != args.preset else "")
+        need, left = estimate(c, runner.results, args.device), runner.left()
         if verdict[c["side"]]:
             why = f"the {c['side']} smoke test did not pass ({verdict[c['side']]})"
         elif need > left:
@@ -361,7 +379,7 @@ def finish(runner: Runner, verdict: dict, skipped: list[dict], flops: dict, star
     runs = [r for r in runner.results if r["phase"] == "timing"]
     for r in runs:
         if r["status"] == "ok":
-            r["model_flops_per_s"] = flops[r["spec"]["seq"]] / r["median_step_s"]
+            r["model_flops_per_s"] = flops_of(r["spec"]) / r["median_step_s"]
             peak = datasheet_peak(r.get("device_kind"))
             r["mfu"] = r["model_flops_per_s"] / peak if peak else None
     trace = runner.work / "trace.tgz"
@@ -372,7 +390,7 @@ def finish(runner: Runner, verdict: dict, skipped: list[dict], flops: dict, star
     rows = sorted(runs + skipped, key=lambda r: r["spec"]["order"])
     failed = [r["name"] for r in runs if r["status"] != "ok" and r["spec"].get("mode") != "compile"]
     summary = {"started": started, "command": a.command, "preset": a.preset, "seqs": a.seqs, "batch": a.batch,
-               "steps": a.steps, "warmup": a.warmup, "device": a.device, "smoke": verdict, "failed": failed,
+               "steps": a.steps, "warmup": a.warmup, "device": a.device, "extra_presets": a.extra_presets, "smoke": verdict, "failed": failed,
                "model_flops_per_step": flops, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     section = render(summary, runner.results)
@@ -409,13 +427,20 @@ def render(s: dict, results: list[dict]) -> str:
              "device memory in use once weights, adapter and batch are in place; peak = the most in use during "
              "the run (JAX `peak_bytes_in_use`, which spans loading too; torch `max_memory_allocated` after a reset "
              "once the weights are loaded). Speed and peak vs PEFT eager: its step time / this one (>1: faster) "
-             "and this peak / its peak, at the same seq.", "",
+             "and this peak / its peak, at the same seq" + (
+                 f" (and preset). Extra presets ({', '.join(s['extra_presets'])}; rows \"preset, seq\"): the same "
+                 "two sides at that preset's shape, jora portable and PEFT eager only; small128k is `small` with "
+                 "Llama 3's 128,256-token vocabulary, where the output head and the loss are most of the step."
+                 if s.get("extra_presets") else "."), "",
              "| seq | configuration | step s (median) | timed steps | tokens/s | MFU | after load GiB | peak GiB "
              "| speed vs PEFT eager | peak vs PEFT eager |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     gib = lambda b: f"{b / GIB:.1f}" if b is not None else ""  # noqa: E731
     notes = []
-    for seq in s["seqs"]:
-        here = [r for r in s["rows"] if r["spec"]["seq"] == seq]
+    groups = [(str(seq), [r for r in s["rows"] if r["spec"]["seq"] == seq and r["spec"]["preset"] == s["preset"]])
+              for seq in s["seqs"]]
+    groups += [(f"{name}, {s['seqs'][0]}", [r for r in s["rows"] if r["spec"]["preset"] == name])
+               for name in s.get("extra_presets", [])]
+    for seq, here in groups:
         base = next((r for r in here if r["status"] == "ok" and r["spec"].get("mode") == "eager"), None)
         for r in here:
             name = label(r["spec"])

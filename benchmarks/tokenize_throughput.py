@@ -34,8 +34,18 @@ number of examples and nearly the same tokens (identical ids for rows neither of
 pickling and worker start-up the 2-worker run adds). --render-only re-renders the section from the
 last run's WORKDIR/results.json (e.g. with new --notes).
 
-Needs `datasets`, and `protobuf` for transformers to convert tokenizer.model (benchmark-only:
-pip install datasets protobuf).
+With --tokenizer llama3 (section "Llama 3: tokenize throughput") the tokenizer is Llama-3-like instead,
+built offline: a byte-level BPE trained by the `tokenizers` library on all the records with Meta's
+pre-tokenisation (Meta's split regex, then ByteLevel without its own regex), at most --vocab (128000)
+tokens, written as Meta's tiktoken ranks file (A reads it: jora's TiktokenTokenizer) and, through
+transformers' TikTokenConverter, as an HF tokenizer.json + tokenizer_config.json with Meta's 256 special
+tokens (B loads it with AutoTokenizer: PreTrainedTokenizerFast, as Llama 3's HF repositories do). Every
+text of every record must encode to the same ids with both before anything is timed.
+
+    .venv/bin/python benchmarks/tokenize_throughput.py --tokenizer llama3 --records 20000 --runs 5 --profile --write
+
+Needs `datasets` (pip install -e '.[bench]'), and `protobuf` for transformers to convert the SentencePiece
+tokenizer.model (benchmark-only: pip install datasets protobuf); --tokenizer llama3 needs tiktoken.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ from _report import RESULTS, loadavg, write_section  # noqa: E402  (benchmarks/ 
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Tokenize throughput"
+SECTION_LLAMA3 = "## Llama 3: tokenize throughput"
 GEN_VERSION = "rag-2"
 MAX_SEQ_LEN = 2000
 WORKERS = 2
@@ -196,6 +207,77 @@ def ensure_tokenizer(workdir: Path, data: Path, vocab: int, train_records: int) 
     return path
 
 
+# --- a Llama-3-like tokenizer, built offline ---------------------------------------------------
+
+def train_llama3_ranks(texts: list[str], vocab: int) -> dict[bytes, int]:
+    """A byte-level BPE trained by the `tokenizers` library with Meta's Llama 3 pre-tokenisation (Meta's
+    split regex, then bytes as ByteLevel's 256 characters, no ByteLevel regex of its own), as tiktoken
+    ranks: the 256 single bytes first, then each merged token in the order the trainer made it. At most
+    `vocab` ranks; fewer when the corpus runs out of pairs to merge."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    sys.path.insert(0, str(REPO))
+    from jora_model.data.tiktoken_file import PATTERN
+
+    lib = Tokenizer(models.BPE())
+    lib.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lib.train_from_iterator(texts, trainer)
+    decode = {c: b for b, c in bytes_to_unicode().items()}
+    by_id = sorted(lib.get_vocab().items(), key=lambda kv: kv[1])
+    ranks = {bytes(decode[c] for c in token): i for i, (token, _) in enumerate(by_id)}
+    assert len(ranks) == len(by_id) and all(bytes([b]) in ranks for b in range(256))
+    return ranks
+
+
+def write_llama3_files(ranks: dict[bytes, int], path: Path, hf_dir: Path) -> None:
+    """`path`: Meta's tiktoken format (`base64(token) rank` per line, as in Llama 3's tokenizer.model);
+    `hf_dir`: what an HF Llama 3 repository ships, tokenizer.json + tokenizer_config.json, made from the
+    ranks by transformers' own TikTokenConverter (the converter behind HF's Llama 3 tokenizer.json: BPE with
+    ignore_merges, the Split pre-tokenizer with Meta's pattern + ByteLevel(use_regex=False)) and Meta's
+    256 special tokens after the ranks."""
+    import base64
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    sys.path.insert(0, str(REPO))
+    from jora_model.data.tiktoken_file import BOS, EOS, PATTERN, special_tokens
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])))
+    lib = TikTokenConverter(vocab_file=str(tmp), pattern=PATTERN, extra_special_tokens=special_tokens()).converted()
+    assert lib.token_to_id(BOS) == len(ranks) and lib.get_vocab_size() == len(ranks) + 256
+    hf_dir.mkdir(exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=lib, bos_token=BOS, eos_token=EOS,
+                            model_max_length=131072).save_pretrained(str(hf_dir))
+    tmp.rename(path)
+
+
+def ensure_llama3_tokenizer(workdir: Path, data: Path, vocab: int, train_records: int) -> Path:
+    path = workdir / f"llama3-{GEN_VERSION}-{vocab}-{train_records}.model"
+    if not path.exists():
+        records = json.loads(data.read_text())[:train_records]
+        texts = [t for r in records for t in (r["instruction"], r["input"], r["output"]) if t]
+        t = time.monotonic()
+        ranks = train_llama3_ranks(texts, vocab)
+        write_llama3_files(ranks, path, _hf_dir(path))
+        print(f"trained {path} ({len(ranks)} ranks) in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+    return path
+
+
+def _hf_dir(tokenizer: Path) -> Path:
+    return tokenizer.parent / f"{tokenizer.stem}-hf"
+
+
+def _is_tiktoken(tokenizer: Path) -> bool:
+    return tokenizer.name.startswith("llama3-")
+
+
 # --- the two contenders, each run in a child ---------------------------------------------------
 
 def cpu_seconds() -> float:
@@ -224,9 +306,14 @@ def _hf_tokenizer(tokenizer: Path):
     """`LlamaTokenizerFast` for the SentencePiece model, offline: converted from the .model once (the
     conversion needs `protobuf`) and saved beside it as an HF tokenizer directory, which later loads are
     read from, as from a model repository that ships tokenizer.json."""
+    if _is_tiktoken(tokenizer):
+        # Llama 3's HF repositories ship tokenizer.json and load as PreTrainedTokenizerFast (AutoTokenizer)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(_hf_dir(tokenizer)))
     from transformers import LlamaTokenizerFast
 
-    directory = tokenizer.parent / f"{tokenizer.stem}-hf"
+    directory = _hf_dir(tokenizer)
     if not (directory / "tokenizer.json").exists():
         directory.mkdir(exist_ok=True)
         shutil.copyfile(tokenizer, directory / "tokenizer.model")
@@ -313,17 +400,30 @@ def child_profile(data: Path, out: Path, tokenizer: Path) -> dict:
     def cum(file_part: str, name: str) -> float:
         return sum(v[3] for (f, _, n), v in stats.items() if file_part in f and n == name)
 
-    sp = sum(v[2] for (f, _, n), v in stats.items() if "sentencepiece" in f or "sentencepiece" in n)
+    def native_encoder(f: str, n: str) -> bool:  # SentencePiece's, or tiktoken's Rust CoreBPE
+        return "sentencepiece" in f or "sentencepiece" in n or "CoreBPE" in n
+
+    sp = sum(v[2] for (f, _, n), v in stats.items() if native_encoder(f, n))
+    tiktoken_calls = sum(v[1] for (f, _, n), v in stats.items() if "CoreBPE" in n and "encode" in n)
     encode = cum("tokenizer.py", "encode_array")  # the word cache, SentencePiece on new words included
     sp_calls = sum(v[1] for (f, _, n), v in stats.items() if "sentencepiece" in f and n == "EncodeAsIds")
     read = cum("alpaca.py", "read_records")
-    arrow = cum("data.py", "add") + cum("data.py", "close")
+    arrow = sum(cum(f, n) for f in ("data.py", "shards.py") for n in ("add", "close"))  # ShardWriter's file, then and now
+    ranks_s = cum("tokenizer_files.py", "read_tiktoken_ranks")  # tiktoken file: parsing the ranks (parent + worker)
     cut = cum("alpaca.py", "_cut")
 
+    import inspect
+
     records = read_records(data)
-    tasks = [([(i, r) for i, r in enumerate(records)][k:k + stage._CHUNK], MAX_SEQ_LEN, "alpaca")
+    settings = stage.TokenizeSettings(max_seq_len=MAX_SEQ_LEN)
+    # the stage's worker protocol: (path) + (chunk, max_len, template name) before the prompt templates
+    # (issue 21), (path, template, system) + (chunk, max_len) since
+    with_templates = len(inspect.signature(stage._init_worker).parameters) == 3
+    init = (str(tokenizer), settings.template, settings.system) if with_templates else (str(tokenizer),)
+    pairs = list(enumerate(records))
+    tasks = [(pairs[k:k + stage._CHUNK], MAX_SEQ_LEN) + (() if with_templates else ("alpaca",))
              for k in range(0, len(records), stage._CHUNK)]
-    stage._init_worker(str(tokenizer))
+    stage._init_worker(*init)
     results = [stage._tokenize_chunk(task) for task in tasks]
     t = time.process_time()
     blobs = [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in tasks + results]
@@ -331,11 +431,12 @@ def child_profile(data: Path, out: Path, tokenizer: Path) -> dict:
     t, c = time.perf_counter(), cpu_seconds()
     # the same executor the stage uses
     with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=stage._init_worker, initargs=(str(tokenizer),)) as pool:
+                             initializer=stage._init_worker, initargs=init) as pool:
         list(pool.map(abs, range(WORKERS)))
         ready = time.perf_counter() - t
     start_cpu = cpu_seconds() - c
     return {"profiled_s": total, "cpu_s": cpu, "sentencepiece_s": sp, "encode_s": encode, "sentencepiece_calls": sp_calls,
+            "tiktoken_calls": tiktoken_calls, "read_ranks_s": ranks_s,
             "read_json_s": read, "arrow_s": arrow,
             "cut_s": cut, "other_s": total - sp - read - arrow, "pickle_dumps_s": dumps,
             "pickled_mb": sum(map(len, blobs)) / 1e6, "spawn_ready_s": ready, "spawn_cpu_s": start_cpu}
@@ -345,13 +446,13 @@ def child(args) -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     if args.child == "P":
-        result = child_profile(Path(args.data), out, Path(args.tokenizer))
+        result = child_profile(Path(args.data), out, Path(args.tokenizer_file))
     elif args.child == "A":
-        result = child_ours(Path(args.data), out, Path(args.tokenizer))
+        result = child_ours(Path(args.data), out, Path(args.tokenizer_file))
     else:
         cache = out.parent / f"{out.name}-hfcache"
         shutil.rmtree(cache, ignore_errors=True)
-        result = child_hf(Path(args.data), out, Path(args.tokenizer), args.child == "B", cache)
+        result = child_hf(Path(args.data), out, Path(args.tokenizer_file), args.child == "B", cache)
         shutil.rmtree(cache, ignore_errors=True)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -360,7 +461,7 @@ def run_child(kind: str, data: Path, tokenizer: Path, out: Path, log: Path) -> d
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1")
     load = loadavg()
-    cmd = [sys.executable, __file__, "--child", kind, "--data", str(data), "--tokenizer", str(tokenizer),
+    cmd = [sys.executable, __file__, "--child", kind, "--data", str(data), "--tokenizer-file", str(tokenizer),
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
@@ -398,16 +499,24 @@ def compare_outputs(a_dir: Path, b_dir: Path) -> dict:
 
 
 def check_tokenizers(tokenizer: Path, data: Path, n: int = 300) -> dict:
-    """Encode the first n records' texts with both tokenizers: the fraction of identical id lists."""
+    """Encode the first n records' texts (every record's, for the tiktoken file) with both tokenizers: the
+    number of identical id lists."""
     sys.path.insert(0, str(REPO))
-    from jora_model.data.tokenizer import Tokenizer
+    from jora_model.data.tokenizer import load_tokenizer
 
-    ours, hf = Tokenizer(tokenizer), _hf_tokenizer(tokenizer)
-    records = json.loads(data.read_text())[:n]
+    ours, hf = load_tokenizer(tokenizer), _hf_tokenizer(tokenizer)
+    records = json.loads(data.read_text())
+    records = records if _is_tiktoken(tokenizer) else records[:n]
     texts = [t for r in records for t in (r["instruction"], r["input"], r["output"]) if t]
-    same = sum(ours.encode(t) == hf(t, add_special_tokens=False)["input_ids"] for t in texts)
-    return {"texts": len(texts), "identical": same, "vocab": ours.vocab_size,
-            "tokens_per_word": sum(len(ours.encode(t)) for t in texts) / sum(len(t.split()) for t in texts)}
+    if _is_tiktoken(tokenizer):
+        a, b = ours.encode_batch(texts), hf(texts, add_special_tokens=False)["input_ids"]
+    else:
+        a, b = [ours.encode(t) for t in texts], [hf(t, add_special_tokens=False)["input_ids"] for t in texts]
+    same = sum(x == y for x, y in zip(a, b))
+    return {"texts": len(texts), "records": len(records), "identical": same, "vocab": ours.vocab_size,
+            "hf_class": type(hf).__name__, "bos": ours.bos_id, "eos": ours.eos_id,
+            "hf_bos_eos": [hf.bos_token_id, hf.eos_token_id],
+            "tokens_per_word": sum(map(len, a)) / sum(len(t.split()) for t in texts)}
 
 
 # --- reporting ----------------------------------------------------------------------------------
@@ -417,7 +526,7 @@ def machine_facts() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
     versions = {}
-    for name in ("sentencepiece", "pyarrow", "datasets", "transformers", "tokenizers", "numpy"):
+    for name in ("sentencepiece", "tiktoken", "pyarrow", "datasets", "transformers", "tokenizers", "numpy"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -533,6 +642,105 @@ def render(summary: dict, runs: dict, facts: dict, meta: dict) -> str:
 
 
 
+def render_llama3(summary: dict, runs: dict, facts: dict, meta: dict) -> str:
+    """The "Llama 3: tokenize throughput" section: as render(), with the tiktoken file and tokenizer.json."""
+    a, b, t = summary["A"], summary["B"], meta["tok"]
+    n_ranks = t["vocab"] - 256
+    lines = [
+        SECTION_LLAMA3, "",
+        f"Measured {meta['started']} with", "", "```", meta["command"], "```", "",
+        f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), Linux {facts['kernel']}, Python {facts['python']}, "
+        f"tiktoken {facts.get('tiktoken', '?')}, pyarrow {facts['pyarrow']}, datasets {facts['datasets']}, "
+        f"transformers {facts['transformers']}, tokenizers {facts['tokenizers']}. Shared, noisy machine: the "
+        f"runs alternate A and B (the order flips every run) and medians of {meta['runs']} runs are quoted. "
+        f"Load average (1/5/15 min) {meta['load_start']} at start, {meta['load_end']} at the end; before "
+        "each run: " + "; ".join(f"{k} " + ", ".join(r["load_before"].split()[0] for r in rs)
+                                  for k, rs in runs.items()) + " (1 min).", "",
+        f"Data: the same {meta['records']} generated RAG-like Alpaca records as \"Tokenize throughput\" "
+        f"({meta['data_mb']:.1f} MB of JSON, sha256 {meta['data_sha256']}). max_seq_len {MAX_SEQ_LEN}, "
+        f"{WORKERS} worker processes on both sides.", "",
+        f"Tokenizer (nothing downloaded): a byte-level BPE trained with the `tokenizers` library "
+        f"(BpeTrainer, min_frequency 2, asked for at most {meta['vocab_asked']:,} tokens) on the "
+        f"{meta['train_records']:,} records' texts with Llama 3's pre-tokenisation (Meta's split regex, "
+        f"`jora_model.data.tiktoken_file.PATTERN`, then ByteLevel without a regex of its own). The corpus "
+        f"supports {n_ranks:,} tokens (256 bytes + {n_ranks - 256:,} merges) before no pair occurs twice; "
+        f"with Meta's 256 special tokens after them the vocabulary is {t['vocab']:,} ids (Meta's Llama 3: "
+        f"128,000 ranks + 256 = 128,256: the same format, split pattern, specials and BPE, but other ranks, learnt "
+        f"from far more and more varied text; here the benchmark's own made-up 30,000-word lexicon is learnt "
+        f"almost whole, {t['tokens_per_word']:.2f} tokens per word, fewer than a tokenizer not trained on "
+        f"this text would give; both sides use the same ranks). Written twice: "
+        f"as Meta's tiktoken file (`base64(token) rank` per line, ranks = the trainer's order: the bytes, then "
+        f"the merges), which `jora tokenize` reads (TiktokenTokenizer: tiktoken with Meta's pattern, specials "
+        f"never parsed from text); and as an HF tokenizer.json + tokenizer_config.json made from those ranks by "
+        f"transformers' own `TikTokenConverter` (how HF's Llama 3 tokenizer.json is made: BPE with "
+        f"ignore_merges, Split(Meta's regex) + ByteLevel(use_regex=False), the 256 specials as added tokens, "
+        f"bos/eos `<|begin_of_text|>`/`<|end_of_text|>` = {t['bos']}/{t['eos']} on both sides), loaded by "
+        f"`AutoTokenizer.from_pretrained` (PreTrainedTokenizerFast, which transformers 5 calls {t['hf_class']}). "
+        f"Checked before timing: all "
+        f"{t['texts']:,} texts of the {t['records']:,} records (instruction, input, output) encode to "
+        f"identical ids with both ({t['identical']:,}/{t['texts']:,}).", "",
+        "A = `stages.tokenize.tokenize(..., TokenizeSettings(max_seq_len=2000), workers=2, force=True)` with "
+        "the tiktoken file (what `jora tokenize DATA OUT --tokenizer tokenizer.model --workers 2` runs): "
+        "JSON -> validated records -> tiktoken in 2 spawned workers -> prompt cutting -> train/val Arrow "
+        "shards + stats.json. B = `load_dataset(\"json\")` (fresh cache dir each run) -> "
+        "`.map(fn, batched=True, num_proc=2, remove_columns=...)` (fn: same Alpaca prompt, prompt and response "
+        "tokenized without special tokens, `[bos]+prompt+response+[eos]`, labels -100 over the prompt, "
+        "attention_mask, the prompt's end truncated to fit) -> `save_to_disk`; no validation and no train/val "
+        "split. Both timed end to end from the JSON file to Arrow on disk, in a fresh child process, after "
+        "imports. Tokens = input_ids written. CPU s = user + system time of the child and its workers over "
+        "the timed call (getrusage).", "",
+        "| | median s | examples/s | tokens/s | runs (s) | CPU s (all processes) | tokens per CPU s |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    names = {"A": "A: `jora tokenize` (stages.tokenize, 2 workers, tiktoken file)",
+             "B": "B: `datasets.map(batched=True, num_proc=2)` + PreTrainedTokenizerFast (tokenizer.json)",
+             "B1": "B1: `datasets.map(batched=False, num_proc=2)` + PreTrainedTokenizerFast (tokenizer.json)"}
+    for kind, x in summary.items():
+        lines.append(f"| {names[kind]} | {x['seconds']:.2f} | {x['ex_s']:,.0f} | {x['tok_s']:,.0f} "
+                     f"| {', '.join(str(v) for v in x['all_seconds'])} | {x['cpu']:.1f} | {x['tok_cpu_s']:,.0f} |")
+    lines.append("")
+    pair = [rb["seconds"] / ra["seconds"] for ra, rb in zip(runs["A"], runs["B"])]
+    lines.append(f"A / B: **{a['ex_s'] / b['ex_s']:.2f}x** examples/s, {a['tok_s'] / b['tok_s']:.2f}x tokens/s by "
+                 f"medians (goal: at least 2x); run by run (B's s / A's s, {len(pair)} pairs): "
+                 f"{', '.join(f'{x:.2f}' for x in pair)}, median {statistics.median(pair):.2f}x; "
+                 f"{b['cpu'] / a['cpu']:.2f}x less CPU time.")
+    c = meta["compare"]
+    lines += ["",
+              f"Same work: A wrote {a['examples']} examples / {a['tokens']:,} tokens ({meta['a_cut']} prompts cut, "
+              f"{meta['a_dropped']} dropped), B {b['examples']} / {b['tokens']:,} "
+              f"({100 * (b['tokens'] - a['tokens']) / a['tokens']:+.3f}% tokens); {c['identical']} of "
+              f"{c['rows_a']} rows have identical input_ids in A and B, {c['differ']} differ (rows whose "
+              "prompt was cut: A cuts the retrieved context at a token boundary and re-encodes, B truncates "
+              "the prompt's token list, dropping the template's tail).", ""]
+    p = meta.get("profile")
+    if p:
+        enc, tot = p["sentencepiece_s"], p["profiled_s"]
+        ranks = p.get("read_ranks_s", 0.0)
+        rest = tot - enc - p["read_json_s"] - p["arrow_s"] - ranks
+        lines += [
+            f"Where A's time goes (`--profile`: the stage with workers=1 in one process under cProfile with a "
+            f"CPU-time clock: {tot:.1f} CPU s profiled, {p['cpu_s']:.1f} CPU s with the profiler's own cost; "
+            f"load {p['load_before'].split()[0]}):", "",
+            "| part | CPU s | share |", "|---|---:|---:|",
+            f"| tiktoken's native encode (`CoreBPE.encode_ordinary`: {p.get('tiktoken_calls', 0):,} calls, "
+            f"the regex split and the BPE; cutting {meta['a_cut']} long prompts: `_cut` {p['cut_s']:.2f} s in all) "
+            f"| {enc:.2f} | {enc / tot:.0%} |",
+            f"| reading the {n_ranks:,}-line ranks file (`read_tiktoken_ranks`, in Python: base64 per line; "
+            f"twice in this one-process run, once per worker + once in the parent with 2 workers) "
+            f"| {ranks:.2f} | {ranks / tot:.0%} |",
+            f"| reading + parsing the JSON (`read_records`) | {p['read_json_s']:.2f} | {p['read_json_s'] / tot:.0%} |",
+            f"| Arrow shards (`ShardWriter.add` + `close`) | {p['arrow_s']:.2f} | {p['arrow_s'] / tot:.0%} |",
+            f"| the rest of the Python (prompt rendering, `tokenize_record`, ids to int32 arrays, stats, input "
+            f"hashing) | {rest:.2f} | {rest / tot:.0%} |", "",
+            f"Added by the 2-worker run: pickling tasks and results ({p['pickled_mb']:.0f} MB): "
+            f"{p['pickle_dumps_s']:.2f} s dumps; starting the 2 spawned workers (interpreter, numpy, tiktoken, "
+            f"the {n_ranks:,} ranks): {p['spawn_ready_s']:.2f} s until both take a task, {p['spawn_cpu_s']:.2f} CPU s.",
+            ""]
+    if meta.get("notes"):
+        lines += [meta["notes"], ""]
+    return "\n".join(lines)
+
+
 def _command(argv: list[str]) -> str:
     """The command line as run, less the --notes text (which is in the section anyway)."""
     kept, skip = [], False
@@ -551,8 +759,15 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=3, help="runs of each contender; medians are reported")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/jora-tokenize-throughput"))
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--train-records", type=int, default=3000, help="records the tokenizer is trained on")
+    parser.add_argument("--tokenizer", choices=["sentencepiece", "llama3"], default="sentencepiece",
+                        help="sentencepiece: a Llama-2-like SentencePiece model (section 'Tokenize throughput'); "
+                             "llama3: a Llama-3-like byte-level BPE as Meta's tiktoken file for ours and as an HF "
+                             f"tokenizer.json for datasets.map (section '{SECTION_LLAMA3}')")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="pieces (sentencepiece, default 32000) or at most this many ranks (llama3, default "
+                             "128000: Meta's count; the corpus may support fewer)")
+    parser.add_argument("--train-records", type=int, default=None,
+                        help="records the tokenizer is trained on (default 3000 sentencepiece, all for llama3)")
     parser.add_argument("--unbatched", action="store_true", help="also time datasets.map(batched=False) (B1)")
     parser.add_argument("--write", action="store_true", help=f"replace the '{SECTION}' section of {RESULTS}")
     parser.add_argument("--notes", default="", help="a paragraph appended to the section")
@@ -562,9 +777,17 @@ def main() -> None:
                         help="also break A's time down (SentencePiece / JSON / Arrow / pickling / worker start)")
     parser.add_argument("--child", choices=["A", "B", "B1", "P"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer-file", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    llama3 = args.tokenizer == "llama3"
+    section_title = SECTION_LLAMA3 if llama3 else SECTION
+    if args.vocab is None:
+        args.vocab = 128000 if llama3 else 32000
+    if args.train_records is None:
+        args.train_records = args.records if llama3 else 3000
+    if llama3 and args.workdir == parser.get_default("workdir"):
+        args.workdir = Path(str(args.workdir) + "-llama3")
     if args.child:
         child(args)
         return
@@ -573,11 +796,11 @@ def main() -> None:
         saved = json.loads((args.workdir.resolve() / "results.json").read_text())
         meta = saved["meta"] | {"notes": args.notes or saved["meta"].get("notes", ""),
                                 "command": _command(shlex.split(saved["meta"]["command"]))}
-        section = render(saved["summary"], saved["runs"], saved.get("facts") or machine_facts(), meta)
+        section = (render_llama3 if llama3 else render)(saved["summary"], saved["runs"], saved.get("facts") or machine_facts(), meta)
         print(section)
         if args.write:
-            write_section(SECTION, section)
-            print(f"wrote the '{SECTION}' section of {RESULTS}", file=sys.stderr)
+            write_section(section_title, section)
+            print(f"wrote the '{section_title}' section of {RESULTS}", file=sys.stderr)
         return
     command = _command([".venv/bin/python", os.path.relpath(__file__, REPO), *sys.argv[1:]])
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -586,8 +809,14 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
     data = ensure_data(workdir, args.records)
-    tokenizer = ensure_tokenizer(workdir, data, args.vocab, args.train_records)
+    if llama3:
+        tokenizer = ensure_llama3_tokenizer(workdir, data, args.vocab, args.train_records)
+    else:
+        tokenizer = ensure_tokenizer(workdir, data, args.vocab, args.train_records)
     tok = check_tokenizers(tokenizer, data)
+    if llama3 and tok["identical"] != tok["texts"]:
+        sys.exit(f"the tiktoken file and tokenizer.json disagree on {tok['texts'] - tok['identical']} of "
+                 f"{tok['texts']} texts: not timing")
     print(f"tokenizers agree on {tok['identical']}/{tok['texts']} texts; vocab {tok['vocab']}, "
           f"{tok['tokens_per_word']:.2f} tokens/word", file=sys.stderr, flush=True)
 
@@ -613,17 +842,17 @@ def main() -> None:
             "load_end": load_end, "records": args.records, "data_mb": data.stat().st_size / 1e6,
             "train_records": args.train_records, "tok": tok, "compare": compare,
             "a_cut": runs["A"][0]["cut"], "a_dropped": runs["A"][0]["dropped"], "notes": args.notes,
-            "profile": profile,
+            "profile": profile, "tokenizer": args.tokenizer, "vocab_asked": args.vocab,
             "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest()[:16]}
     facts = machine_facts()
-    section = render(summary, runs, facts, meta)
+    section = (render_llama3 if llama3 else render)(summary, runs, facts, meta)
     (workdir / "results.json").write_text(json.dumps({"runs": runs, "summary": summary, "meta": meta,
                                                       "facts": facts}, indent=1))
     print(section)
     print(json.dumps({"summary": summary, "compare": compare}, indent=1), file=sys.stderr)
     if args.write:
-        write_section(SECTION, section)
-        print(f"wrote the '{SECTION}' section of {RESULTS}", file=sys.stderr)
+        write_section(section_title, section)
+        print(f"wrote the '{section_title}' section of {RESULTS}", file=sys.stderr)
 
 
 if __name__ == "__main__":
