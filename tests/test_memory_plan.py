@@ -135,7 +135,7 @@ def test_parse_bytes():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--preset", "70B", "--mesh", "model=16"], "does not divide the model's 8 key/value heads"),
+    (["--preset", "70B", "--mesh", "model=128"], "does not divide the model's 64 query heads"),
     (["--preset", "7B", "--mesh", "model=3"], "does not divide"),
     (["--preset", "9B"], "unknown preset '9B'"),
     (["--model", "no-such-store"], "not a jora parameter store"),

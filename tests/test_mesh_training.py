@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
     shape = sharding.MeshShape.parse(mesh) if mesh else sharding.MeshShape(1, len(jax.devices()))
     m = sharding.make_mesh(shape)
     s = Store(store)
-    params = load_params(s, lambda path, shp: sharding.param_sharding(m, path, shp))
+    params = load_params(s, lambda path, shp: sharding.param_sharding(m, path, shp, s.config))
     fractions = {}
     for module, leaves in params.items():
         for name, array in leaves.items():

@@ -15,7 +15,9 @@ The embedding is [V, D] in every format: it is a lookup table, not a matrix appl
 A tied output head (Llama 3.2 1B/3B, `tie_word_embeddings`) has no tensor in any format: the model
 reads the embedding as its head, and `NameTable.of(config)` leaves the head's row out.
 `axes` are the logical axes of one layer's tensor in the store's layout; parallel/sharding.py maps
-them to mesh axes (and gives LoRA's factors the axes of the base weight dimension they touch).
+them to mesh axes (and gives LoRA's factors the axes of the base weight dimension they touch). The
+k/v projections' heads are `kv_heads`, not `heads`: a model axis wider than the KV heads splits the
+query heads but replicates the KV heads.
 """
 
 from __future__ import annotations
@@ -190,10 +192,10 @@ TABLE = NameTable((
                "attention.wq.weight", 0, ("embed", "heads"), lambda c: (c.dim, c.n_heads * c.head_dim),
                transposed=True, rotary_heads="n_heads", lora=True),
     TensorKind("attention.k_proj", "layers/attention/k_proj", "w", "self_attn.k_proj.weight",
-               "attention.wk.weight", 0, ("embed", "heads"), lambda c: (c.dim, c.n_kv_heads * c.head_dim),
+               "attention.wk.weight", 0, ("embed", "kv_heads"), lambda c: (c.dim, c.n_kv_heads * c.head_dim),
                transposed=True, rotary_heads="n_kv_heads", lora=True),
     TensorKind("attention.v_proj", "layers/attention/v_proj", "w", "self_attn.v_proj.weight",
-               "attention.wv.weight", 0, ("embed", "heads"), lambda c: (c.dim, c.n_kv_heads * c.head_dim),
+               "attention.wv.weight", 0, ("embed", "kv_heads"), lambda c: (c.dim, c.n_kv_heads * c.head_dim),
                transposed=True, lora=True),
     TensorKind("attention.o_proj", "layers/attention/o_proj", "w", "self_attn.o_proj.weight",
                "attention.wo.weight", 1, ("heads", "embed"), lambda c: (c.n_heads * c.head_dim, c.dim),

@@ -12,9 +12,10 @@ _SAMPLE = LlamaConfig(vocab_size=50, dim=24, n_layers=2, n_heads=4, n_kv_heads=2
 
 
 def _axis_sizes(c: LlamaConfig) -> dict[str, set[int]]:
-    """The sizes each logical axis of a base tensor may have (k/v are as wide as the KV heads)."""
+    """The size each logical axis of a base tensor has (the sample's query and KV heads differ, so a
+    k/v row marked `heads` or a q/o row marked `kv_heads` shows)."""
     return {"embed": {c.dim}, "vocab": {c.vocab_size}, "mlp": {c.ffn_dim},
-            "heads": {c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim}}
+            "heads": {c.n_heads * c.head_dim}, "kv_heads": {c.n_kv_heads * c.head_dim}}
 
 
 def check_table(table: NameTable) -> None:

@@ -85,7 +85,7 @@ def random_frozen(config: LlamaConfig, mesh, dtype: str, seed: int = 0, step_dty
     params: dict[str, dict[str, Any]] = {}
     key = jax.random.PRNGKey(seed)
     for i, spec in enumerate(param_specs(config)):
-        target = sharding.param_sharding(mesh, spec.path, spec.shape)
+        target = sharding.param_sharding(mesh, spec.path, spec.shape, config)
         std = None if spec.name == "scale" else 1.0 if spec.name == "embeddings" else spec.shape[-2] ** -0.5
         to = step_dtype(jnp.dtype(dtype), spec.stacked) if step_dtype else jnp.dtype(dtype)
         program = programs.setdefault((tuple(spec.shape), std, str(to), target), jax.jit(
@@ -109,7 +109,7 @@ class PreparedStep:
         self.config = config = preset(settings.preset)
         self.mesh_shape = shape = mesh_shape(settings.mesh)
         sharding.check_divisible(config, shape, settings.batch)
-        self.mesh = mesh = sharding.make_mesh(shape)
+        self.mesh = mesh = sharding.make_mesh(shape, config=config)
         optimizer = OptimizerSettings(total_steps=max(settings.steps + settings.warmup, 1))
         self.fns = fns = make_step_functions(config, settings.lora, optimizer, settings.compute_dtype,
                                              settings.remat, mesh=mesh, kernels=settings.kernels)

@@ -14,8 +14,9 @@ When the step changes, change the term that moved and rerun
 `benchmarks/plan_vs_measured.py`, which checks the estimate against XLA's own account.
 
 Shapes per device: b = batch rows / data, T tokens, D model dim (the residual stream is replicated over
-`model`), and the sharded widths H_m = heads / model, K_m = KV heads / model, F_m = ffn / model,
-V_m = vocab / model.
+`model`), and the sharded widths H_m = heads / model, K_m = KV heads / model (one where the model
+axis is wider than K: each device holds the KV head its queries read, see sharding.py),
+F_m = ffn / model, V_m = vocab / model.
 """
 
 from __future__ import annotations
@@ -131,10 +132,12 @@ def parse_bytes(text: str | int) -> int:
     return value
 
 
-def _abstract_mesh(mesh: MeshShape):
+def _abstract_mesh(mesh: MeshShape, config: LlamaConfig):
     from jax.sharding import AbstractMesh
 
-    return AbstractMesh((mesh.data, mesh.model), ("data", "model"))
+    from jora_model.parallel.sharding import mesh_axes
+
+    return AbstractMesh(*mesh_axes(mesh, config))
 
 
 def _shard_bytes(sharding: Any, shape: tuple[int, ...], itemsize: int) -> int:
@@ -145,8 +148,8 @@ def frozen_shards(config: LlamaConfig, mesh: MeshShape) -> dict[str, tuple[int, 
     """Per-device shape of every frozen tensor ("module/param" -> shape), by the sharding rules."""
     from jora_model.parallel import sharding
 
-    abstract = _abstract_mesh(mesh)
-    return {spec.path: tuple(sharding.param_sharding(abstract, spec.path, spec.shape).shard_shape(spec.shape))
+    abstract = _abstract_mesh(mesh, config)
+    return {spec.path: tuple(sharding.param_sharding(abstract, spec.path, spec.shape, config).shard_shape(spec.shape))
             for spec in param_specs(config)}
 
 
@@ -158,7 +161,7 @@ def _state_bytes(config: LlamaConfig, lora: LoraSettings, mesh: MeshShape) -> tu
     from jora_model.training.step import OptimizerSettings, make_step_functions
 
     state = make_step_functions(config, lora, OptimizerSettings()).abstract_state
-    shardings = sharding.state_shardings(_abstract_mesh(mesh), state)
+    shardings = sharding.state_shardings(_abstract_mesh(mesh, config), state, config)
 
     def total(tree, tree_shardings) -> int:
         return sum(_shard_bytes(s, leaf.shape, leaf.dtype.itemsize)
@@ -190,7 +193,8 @@ def activation_terms(config: LlamaConfig, *, seq_len: int, batch_size: int, mesh
     """The named terms of the activation estimate, in bytes per device (see StepMemoryModel)."""
     b, t, d = batch_size // mesh.data, seq_len, config.dim
     e, m = config.head_dim, mesh.model
-    h_m, k_m, f_m, v_m = config.n_heads // m, config.n_kv_heads // m, config.ffn_dim // m, config.vocab_size // m
+    h_m, f_m, v_m = config.n_heads // m, config.ffn_dim // m, config.vocab_size // m
+    k_m = max(config.n_kv_heads // m, 1)  # a model axis wider than the KV heads: one per device
     fan_in = {"q_proj": d, "k_proj": d, "v_proj": d, "o_proj": h_m * e, "gate_proj": d, "up_proj": d,
               "down_proj": f_m}
     per_token = (d * step.hidden + sum(fan_in[name] for name in lora.targets) * step.dropout_input

@@ -58,7 +58,7 @@ def setup_training(store_path: Path, data_dir: Path, work_dir: Path, settings: T
         raise JoraError("no train/ split here (run jora tokenize first)", data_dir)
     shape = mesh_shape(settings.mesh)
     sharding.check_divisible(config, shape, settings.batch_size)
-    mesh = sharding.make_mesh(shape)
+    mesh = sharding.make_mesh(shape, config=config)
     reader = _train_reader(train_dir, mesh, settings)
     val_dir = _checked_data(reader, train_dir, Path(data_dir) / "val", config, settings)
     total_steps = _count_steps(reader, settings)
@@ -69,7 +69,7 @@ def setup_training(store_path: Path, data_dir: Path, work_dir: Path, settings: T
     first_step = int(state.step)
     if first_step < total_steps:
         _compile_first_step(fns, config, mesh, reader, settings, store.dtype.name)
-    frozen = load_params(store, lambda path, shape: sharding.param_sharding(mesh, path, shape),
+    frozen = load_params(store, lambda path, shape: sharding.param_sharding(mesh, path, shape, config),
                          step_dtype=fns.frozen_dtype)
     store.close()
     return TrainingSetup(config, mesh, fns, frozen, reader, val_dir, total_steps, checkpoints, state, first_step,

@@ -138,7 +138,7 @@ def make_step_functions(config: LlamaConfig, lora: LoraSettings, optimizer: Opti
     state_shardings = None
     jit_kwargs = {}
     if mesh is not None:
-        state_shardings = sharding.state_shardings(mesh, abstract_state)
+        state_shardings = sharding.state_shardings(mesh, abstract_state, config)
         jit_kwargs["out_shardings"] = (state_shardings, None)
     return StepFunctions(
         init=jax.jit(init, out_shardings=state_shardings) if mesh is not None else jax.jit(init),
@@ -162,7 +162,7 @@ def abstract_arguments(config: LlamaConfig, fns: StepFunctions, mesh: Any, batch
     for spec in param_specs(config):  # in the dtypes the trainer loads them in (load_params(step_dtype=...))
         frozen.setdefault(spec.module, {})[spec.name] = jax.ShapeDtypeStruct(
             spec.shape, fns.frozen_dtype(jnp.dtype(param_dtype), spec.stacked),
-            sharding=sharding.param_sharding(mesh, spec.path, spec.shape))
+            sharding=sharding.param_sharding(mesh, spec.path, spec.shape, config))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          fns.abstract_state, fns.state_shardings)
     where = sharding.batch_sharding(mesh)
