@@ -1,10 +1,13 @@
 """The `jora` command: one click group over the stage commands.
 
 Bad input (a `JoraError`) prints one line and exits with status 2; `--debug` shows the traceback.
+SIGTERM prints "stopped by SIGTERM; finished outputs are intact" and exits with status 143, unless it
+lands in training, which stops after the step and ends as bad input does (pipeline/launch.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -16,11 +19,12 @@ from jora_model.data.templates import NAMES as TEMPLATES
 from jora_model.errors import JoraError
 from jora_model.model.lora import LoraSettings
 from jora_model.training.bench import BenchSettings
+from pipeline.launch import Stopped, stop_on_sigterm
 from stages.convert import convert_command
 from stages.options import option_for, settings_options
 from stages.tokenize import tokenize_command
 from stages.export import export_adapter_command, export_command
-from stages.merge import merge_command
+from stages.merge import ALLOW_OTHER_BASE, merge_command
 from stages.train import train_command
 from pipeline.plan import plan_command
 
@@ -39,6 +43,11 @@ class JoraGroup(click.Group):
                 raise
             click.echo("interrupted; finished outputs are intact", err=True)
             ctx.exit(130)
+        except Stopped as exc:  # SIGTERM (pipeline/launch.py)
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"{exc}; finished outputs are intact", err=True)
+            ctx.exit(exc.exit_status)
 
 
 def _log_to_stderr(level: int) -> None:
@@ -101,10 +110,16 @@ def run_command(demo: bool, config: Path | None, workdir: Path | None, overrides
         raise JoraError("give exactly one of --demo or --config FILE")
     if family is not None and not demo:
         raise JoraError("--family chooses the demo's model; with --config the checkpoint decides")
+    # Everything that can be checked is checked, and the work directory locked, before Prefect's
+    # temporary server starts (it takes 10-30 s): a bad setting or a busy directory fails at once.
+    from pipeline.flow import RunLock, finetune, preflight, reserved_work_directory
+
     if demo:
         from pipeline.demo import run_demo
 
-        result = run_demo(workdir or Path("."), family or "llama2")
+        work = (workdir or Path(".")).resolve()
+        with RunLock.reserved(work), _prefect_for_this_run():
+            result = run_demo(work, family or "llama2")
         for name, stage in result.stages.items():
             click.echo(f"{name:15s} {'skipped (up to date)' if stage['skipped'] else 'ran':22s} {stage['path']}")
         click.echo(f"Hugging Face model: {result.hf_model}")
@@ -112,15 +127,28 @@ def run_command(demo: bool, config: Path | None, workdir: Path | None, overrides
         click.echo(f"PEFT adapter:       {result.peft_adapter}")
         click.echo(f"Q: {result.question}\nA: {result.answer[:300]}")
         return
-    from pipeline.flow import finetune
     from pipeline.settings import load_settings
 
     settings = load_settings(config, _overrides(overrides))
     if workdir is not None:
         settings = settings.model_copy(update={"workdir": str(workdir.resolve())})
-    result = finetune(settings)
+    preflight(settings)
+    with reserved_work_directory(settings), _prefect_for_this_run():
+        result = finetune(settings)
     for name, stage in result["stages"].items():
         click.echo(f"{name:15s} {'skipped (up to date)' if stage['skipped'] else 'ran':22s} {stage['path']}")
+
+
+@contextlib.contextmanager
+def _prefect_for_this_run():
+    """Prefect's temporary server started now, tied to this process (it dies with it, pipeline/deploy.py),
+    and Prefect's console quiet about a JoraError, which JoraGroup prints as the one line."""
+    from pipeline.deploy import start_temporary_server
+    from pipeline.flow import errors_reported_by_caller
+
+    start_temporary_server()
+    with errors_reported_by_caller():
+        yield
 
 
 @cli.command("deploy")
@@ -191,6 +219,7 @@ def gui_command(host: str, port: int, workdir: Path, extra_hosts: tuple[str, ...
 @cli.command("generate")
 @click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="parameter store.")
 @click.option("--adapter", type=click.Path(path_type=Path), default=None, help="a trained adapter.")
+@click.option("--allow-other-base", is_flag=True, help=ALLOW_OTHER_BASE)
 @click.option("--prompt", default=None, help="an instruction, answered with the training template.")
 @click.option("--input", "context", default="", help="retrieved context for --prompt.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Alpaca JSON / JSON Lines of requests.")
@@ -204,8 +233,8 @@ def gui_command(host: str, port: int, workdir: Path, extra_hosts: tuple[str, ...
 @click.option("--template", type=click.Choice(TEMPLATES), default=None,
               help="prompt template [default: the one --tokenized recorded, else alpaca].")
 @click.option("--system", default=None, help="system prompt [default: the one --tokenized recorded, else none].")
-def generate_command(model, adapter, prompt, context, data, limit, max_new_tokens, temperature, top_p, seed,
-                     tokenized, template, system) -> None:
+def generate_command(model, adapter, allow_other_base, prompt, context, data, limit, max_new_tokens, temperature,
+                     top_p, seed, tokenized, template, system) -> None:
     """Generate answers from --model (with --adapter) for --prompt or the records of --data."""
     from jora_model import JoraError, load_model
     from jora_model.data.alpaca import check_record, read_records
@@ -215,6 +244,11 @@ def generate_command(model, adapter, prompt, context, data, limit, max_new_token
 
     if (prompt is None) == (data is None):
         raise JoraError("give exactly one of --prompt or --data")
+    if adapter is not None:  # same shapes, other weights would load and answer, silently wrong
+        from jora_model.formats.adapter import check_base
+        from stages.base import upstream_key
+
+        check_base(adapter, model, upstream_key(model, "parameter store"), allow_other_base)
     requests = [{"instruction": prompt, "input": context}] if prompt is not None else read_records(data)[:limit]
     for i, record in enumerate(requests):
         problem = check_record({"output": "", **record}) if isinstance(record, dict) else "not an object"
@@ -250,6 +284,7 @@ def bench_command(settings, lora_r, targets) -> None:
 
 
 def main() -> None:
+    stop_on_sigterm()  # here, not in the group: `python -m pipeline.cli` (the GUI's runs) gets it too
     cli(prog_name="jora")
 
 

@@ -8,6 +8,10 @@ was up to date. The train task publishes the loss curve and final metrics as art
 Several hosts: every process runs this same flow (train.coordinator/num_processes/process_id, or the
 JORA_* variables, or SLURM/Open MPI). JAX's distributed runtime starts first; process 0 runs convert,
 tokenize, merge and exports while the others wait and then find them up to date; all train together.
+
+Bad input fails early and in one line: `preflight` checks what can be checked before any stage (and
+`jora run` runs it, and takes the work directory's lock, before Prefect's temporary server starts), and
+Prefect's own failure records for a JoraError lose their traceback (`_JoraErrorsInOneLine`).
 """
 
 
@@ -22,9 +26,11 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "jora")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 import base64  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import fcntl  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -37,6 +43,51 @@ from jora_model.errors import JoraError  # noqa: E402
 from pipeline.settings import FinetuneSettings, build  # noqa: E402
 
 LOCK = ".jora-run.lock"
+
+
+def _jora_error_names(cls: type = JoraError) -> set[str]:
+    return {cls.__name__}.union(*(_jora_error_names(sub) for sub in cls.__subclasses__()))
+
+
+class _JoraErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed task's and flow's exception with its full traceback (the same error twice,
+    about 80 lines), then each run's "Finished in state Failed(...)". For bad input (a JoraError) the
+    message is the whole story: the traceback goes, and the records are marked `jora_error` so that a
+    command that prints the error itself can keep them off its console (`errors_reported_by_caller`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, JoraError):
+            record.exc_info, record.exc_text, record.jora_error = None, None, True
+        elif exc is None and record.getMessage().startswith("Finished in state Failed("):
+            # the state message names the exception's class: "... encountered an exception: JoraError: ..."
+            record.jora_error = any(f"{name}: " in record.getMessage() for name in _jora_error_names())
+        return True
+
+
+class _DropJoraErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "jora_error", False)
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    # on the loggers, not their handlers: Prefect's logging setup replaces handlers, keeps logger filters
+    logging.getLogger(_name).addFilter(_JoraErrorsInOneLine())
+
+
+@contextlib.contextmanager
+def errors_reported_by_caller():
+    """While the flow runs, Prefect's console (root logger's handlers) leaves out the failure records of
+    a JoraError: the caller (`jora run`) prints that error as its one line. The API, and so the UI,
+    still gets them, without traceback."""
+    handlers, drop = list(logging.getLogger().handlers), _DropJoraErrors()
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
 
 
 def _log(result) -> dict[str, Any]:
@@ -142,14 +193,21 @@ def _publish_training(out: Path, facts: dict[str, Any]) -> None:
 
 class RunLock:
     """One pipeline run per work directory at a time: a second one is refused, never interleaved.
-    In a multi-host run each process holds its own lock file (process 0: LOCK, others: LOCK.N)."""
+    In a multi-host run each process holds its own lock file (process 0: LOCK, others: LOCK.N).
+    A lock `reserved` for this process's run (`jora run` takes it before the flow starts) is entered
+    again by the flow without a second flock, which would refuse this very process."""
+
+    _reserved: set[Path] = set()
 
     def __init__(self, workdir: Path, process_id: int = 0):
         workdir.mkdir(parents=True, exist_ok=True)
-        self.path = workdir / (LOCK if process_id == 0 else f"{LOCK}.{process_id}")
-        self.handle = open(self.path, "a+")
+        self.path = (workdir / (LOCK if process_id == 0 else f"{LOCK}.{process_id}")).resolve()
+        self.handle = None
 
     def __enter__(self) -> "RunLock":
+        if self.path in RunLock._reserved:
+            return self
+        self.handle = open(self.path, "a+")
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -165,7 +223,77 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def reserved(cls, workdir: Path, process_id: int = 0):
+        """Hold the lock for the flow this process is about to run."""
+        with cls(workdir, process_id) as lock:
+            cls._reserved.add(lock.path)
+            try:
+                yield lock
+            finally:
+                cls._reserved.discard(lock.path)
+
+
+def preflight(settings: FinetuneSettings) -> None:
+    """What can be checked before any stage runs, so that it fails in a second rather than after the
+    checkpoint's conversion: the paths, the checkpoint's layout, that the data file can be read, and
+    a mesh this machine can hold. The stages check all of it again, and everything else."""
+    from stages.convert import detect_layout
+
+    if not settings.model.checkpoint:
+        raise JoraError("settings: model.checkpoint is empty (a Meta or HF checkpoint directory)")
+    if not settings.data.path:
+        raise JoraError("settings: data.path is empty (an Alpaca JSON file)")
+    detect_layout(Path(settings.model.checkpoint))
+    if settings.model.tokenizer and not Path(settings.model.tokenizer).is_file():
+        raise JoraError("tokenizer file not found", settings.model.tokenizer)
+    data = Path(settings.data.path)
+    if not data.is_file():
+        raise JoraError("data file not found" if not data.exists() else "data path is not a file", data)
+    try:
+        with open(data, "rb") as f:
+            empty = not f.read(1)
+    except OSError as exc:
+        raise JoraError(f"data file cannot be read ({exc.strerror})", data) from None
+    if empty:
+        raise JoraError("data file is empty", data)
+    _check_mesh(settings)
+
+
+def _check_mesh(settings: FinetuneSettings) -> None:
+    from jora_model.parallel.distributed import cluster_detected
+    from jora_model.parallel.sharding import MeshShape
+
+    if not settings.train.mesh:
+        return  # the default mesh is made from whatever devices there are
+    mesh = MeshShape.parse(settings.train.mesh)
+    if settings.train.batch_size % mesh.data:
+        raise JoraError(f"train.mesh {mesh}: batch size {settings.train.batch_size} is not a multiple of "
+                        f"data={mesh.data}")
+    hosts = distributed_settings(settings)
+    if (hosts.explicit and hosts.num_processes != 1) or (not hosts.explicit and cluster_detected()):
+        return  # JAX must not see a device before the multi-host runtime starts; train checks it then
+    import jax
+
+    if mesh.size != len(jax.devices()):
+        raise JoraError(f"train.mesh {mesh} needs {mesh.size} devices, but {len(jax.devices())} are available")
+
+
+def reserved_work_directory(settings: FinetuneSettings):
+    """RunLock.reserved for this process's part of the run; nothing to hold when SLURM or Open MPI
+    start it, whose process ids are known only once JAX starts (the flow's own lock then refuses a
+    second run, later)."""
+    from jora_model.parallel.distributed import cluster_detected
+
+    hosts = distributed_settings(settings)
+    if not hosts.explicit and cluster_detected():
+        return contextlib.nullcontext()
+    return RunLock.reserved(Path(settings.workdir), hosts.process_id or 0)
 
 
 @flow(name="finetune", log_prints=True)
@@ -178,10 +306,7 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
     if overrides:
         settings = apply_overrides(settings, overrides)
     work = Path(settings.workdir)
-    if not settings.model.checkpoint:
-        raise JoraError("settings: model.checkpoint is empty (a Meta or HF checkpoint directory)")
-    if not settings.data.path:
-        raise JoraError("settings: data.path is empty (an Alpaca JSON file)")
+    preflight(settings)  # again: a deployment's run (and its overrides) got no check before
     tokenize_settings = dataclasses.asdict(build(TokenizeSettings, settings.data))
     team = distributed.initialize(distributed_settings(settings))  # before any stage touches a device
     try:
@@ -229,13 +354,11 @@ def _run_stages(settings: FinetuneSettings, work: Path, team, tokenize_settings:
 def apply_overrides(settings: FinetuneSettings, overrides: dict[str, Any]) -> FinetuneSettings:
     from pydantic import ValidationError
 
+    from pipeline.settings import set_dotted
+
     values = settings.model_dump()
     for dotted, value in overrides.items():
-        section = values
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            section = section.setdefault(part, {})
-        section[leaf] = value
+        set_dotted(values, dotted, value)
     try:
         return FinetuneSettings.model_validate(values)
     except ValidationError as exc:

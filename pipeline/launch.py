@@ -7,12 +7,22 @@ With glibc's `glibc.malloc.hugetlb=1` tunable those mappings get transparent hug
 mode): a few hundred faults per step, the same peak RSS. glibc reads its tunables only when a process
 starts, so the entry re-executes itself once with the tunable added to GLIBC_TUNABLES, before
 anything heavy is imported; `jora deploy`'s flow runs inherit it. JORA_HUGE_PAGES=0 turns this off.
+
+How a `jora` process ends is decided here too. SIGTERM (a scheduler, `kill`, the GUI's Stop) raises
+`Stopped` in the main thread (pipeline/cli.py's main installs `stop_on_sigterm`), so cleanup runs and
+the command ends in one line, "stopped by SIGTERM; ...", with exit status 143 (128 + 15, what a shell
+reports for SIGTERM, and what a SIGTERM ended with before). A SIGTERM while training is the
+trainer's own: it stops after the step, keeps a checkpoint and ends as bad input does (one line, 2).
+Child processes (Prefect's servers, tokenizer workers) call stages/children.py's `die_with_parent` so that
+they end with this process even when it is killed outright (kill -9, the out-of-memory killer), where no
+cleanup runs.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -60,6 +70,29 @@ def reexecute_with_huge_pages() -> None:
         os.execve(sys.executable, sys.orig_argv, env)
     except OSError:
         return
+
+
+class Stopped(BaseException):
+    """The process was asked to stop by a signal. A BaseException, like KeyboardInterrupt, so that
+    `except Exception` blocks let it through to the command line."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once, cleanup or not
+    raise Stopped(signum)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises Stopped (only the main thread receives signals; this is called from it)."""
+    signal.signal(signal.SIGTERM, _raise_stopped)
 
 
 def main() -> None:

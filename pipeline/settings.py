@@ -169,11 +169,16 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    """raw["train"]["lr"] = value for dotted "train.lr", making the sections it lacks."""
+    """raw["train"]["lr"] = value for dotted "train.lr", making the sections it lacks (or left empty)."""
     section = raw
     *parents, leaf = dotted.split(".")
-    for part in parents:
-        section = section.setdefault(part, {})
+    for depth, part in enumerate(parents, start=1):
+        if section.get(part) is None:
+            section[part] = {}
+        section = section[part]
+        if not isinstance(section, dict):  # "data.path.x": a key into a value, not into a section
+            where = ".".join(parents[:depth])
+            raise JoraError(f"cannot set {dotted}: {where} is a value ({type(section).__name__}), not a section")
     section[leaf] = value
 
 

@@ -18,6 +18,7 @@ from jora_model.schema import check_settings, same_as, setting
 
 from .base import StageResult, adapter_input, run_stage, upstream_key
 from .convert import ConvertSettings
+from .merge import ALLOW_OTHER_BASE
 from .options import option_for, settings_options
 
 CODE_VERSION = "export-1"
@@ -54,8 +55,11 @@ def _our_logits(store: Path, dtype: str | None = None, adapter: Path | None = No
 
 
 def export(model: str | Path, out: str | Path, adapter: str | Path | None = None, dtype: str = "bf16",
-           verify: bool = True, max_shard_bytes: int = 2 * 1024 ** 3, force: bool = False) -> StageResult:
-    """Write the store in `model` (with `adapter` merged in, when given) as an HF directory in `out`."""
+           verify: bool = True, max_shard_bytes: int = 2 * 1024 ** 3, force: bool = False,
+           allow_other_base: bool = False) -> StageResult:
+    """Write the store in `model` (with `adapter` merged in, when given) as an HF directory in `out`;
+    an adapter trained on another base is refused unless `allow_other_base`."""
+    from jora_model.formats.adapter import check_base
     from jora_model.formats.hf_export import compare, hf_logits, write_hf_directory
     from jora_model.formats.merge import merge_store
     from jora_model.formats.store import store_dtype
@@ -66,6 +70,7 @@ def export(model: str | Path, out: str | Path, adapter: str | Path | None = None
     adapter_path = None
     if adapter is not None:
         adapter_path, upstream["adapter"] = adapter_input(adapter)
+        check_base(adapter_path, model, upstream["model"], allow_other_base)
     settings = {"dtype": dtype, "verify": verify, "max_shard_bytes": max_shard_bytes}
 
     def build(tmp: Path) -> dict:
@@ -87,14 +92,17 @@ def export(model: str | Path, out: str | Path, adapter: str | Path | None = None
 
 
 def export_adapter(model: str | Path, adapter: str | Path, out: str | Path, verify: bool = True,
-                   force: bool = False) -> StageResult:
-    """Write `adapter` as a PEFT adapter for the HF export of `model`."""
+                   force: bool = False, allow_other_base: bool = False) -> StageResult:
+    """Write `adapter` as a PEFT adapter for the HF export of `model`; an adapter trained on another base
+    is refused unless `allow_other_base`."""
+    from jora_model.formats.adapter import check_base
     from jora_model.formats.hf_export import compare, hf_logits, write_hf_directory, write_peft_adapter
     from jora_model.formats.store import Store
 
     model, out = Path(model), Path(out)
     adapter_path, adapter_hash = adapter_input(adapter)
     upstream = {"model": upstream_key(model, "parameter store"), "adapter": adapter_hash}
+    check_base(adapter_path, model, upstream["model"], allow_other_base)
 
     def build(tmp: Path) -> dict:
         store = Store(model)
@@ -121,9 +129,12 @@ def export_adapter(model: str | Path, adapter: str | Path, out: str | Path, veri
               help="merge this adapter (a train output or its adapter/) into the export.")
 @settings_options(ExportSettings, "settings")
 @click.option("--force", is_flag=True, help="rebuild even when the output is up to date.")
-def export_command(model: Path, out: Path, adapter: Path | None, settings: ExportSettings, force: bool) -> None:
+@click.option("--allow-other-base", is_flag=True, help=ALLOW_OTHER_BASE)
+def export_command(model: Path, out: Path, adapter: Path | None, settings: ExportSettings, force: bool,
+                   allow_other_base: bool) -> None:
     """Export the parameter store MODEL (plus --adapter, merged) as a Hugging Face directory OUT."""
-    result = export(model, out, adapter, settings.dtype, settings.verify, settings.max_shard_mb * 1024 ** 2, force)
+    result = export(model, out, adapter, settings.dtype, settings.verify, settings.max_shard_mb * 1024 ** 2, force,
+                    allow_other_base)
     facts = result.manifest.get("facts", {})
     check = f", self-check max |diff| {facts['max_abs_diff']:.2g}" if "max_abs_diff" in facts else ""
     click.echo(f"{'skipped (up to date)' if result.skipped else 'exported'}: {result.out_dir}{check}")
@@ -135,9 +146,11 @@ def export_command(model: Path, out: Path, adapter: Path | None, settings: Expor
 @click.argument("out", type=click.Path(path_type=Path))
 @option_for(ExportSettings, "verify", help="load it with peft on the exported base and compare logits.")
 @click.option("--force", is_flag=True, help="rebuild even when the output is up to date.")
-def export_adapter_command(model: Path, adapter: Path, out: Path, verify: bool, force: bool) -> None:
+@click.option("--allow-other-base", is_flag=True, help=ALLOW_OTHER_BASE)
+def export_adapter_command(model: Path, adapter: Path, out: Path, verify: bool, force: bool,
+                           allow_other_base: bool) -> None:
     """Export ADAPTER as a PEFT adapter (adapter_config.json, adapter_model.safetensors) in OUT."""
-    result = export_adapter(model, adapter, out, verify, force)
+    result = export_adapter(model, adapter, out, verify, force, allow_other_base)
     facts = result.manifest.get("facts", {})
     check = f", self-check max |diff| {facts['max_abs_diff']:.2g}" if "max_abs_diff" in facts else ""
     click.echo(f"{'skipped (up to date)' if result.skipped else 'exported'}: {result.out_dir}{check}")

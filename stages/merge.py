@@ -13,15 +13,21 @@ import click
 from .base import StageResult, adapter_input, run_stage, upstream_key
 
 CODE_VERSION = "merge-1"
+# The help of --allow-other-base on every command that applies an adapter (merge, export, generate).
+ALLOW_OTHER_BASE = "use the adapter even though it was trained on another base store."
 
 
 def merge(model: str | Path, adapter: str | Path, out: str | Path, force: bool = False,
-          progress: bool | None = None) -> StageResult:
+          progress: bool | None = None, allow_other_base: bool = False) -> StageResult:
+    """Merge `adapter` into the store `model`; refused when the adapter was trained on another base,
+    unless `allow_other_base`."""
+    from jora_model.formats.adapter import check_base
     from jora_model.formats.merge import merge_store
 
     model, out = Path(model), Path(out)
     adapter, adapter_hash = adapter_input(adapter)
     upstream = {"model": upstream_key(model, "parameter store"), "adapter": adapter_hash}
+    check_base(adapter, model, upstream["model"], allow_other_base)
 
     def build(tmp: Path) -> dict:
         merge_store(model, adapter, tmp, extra={"merged": {"base": upstream["model"], "adapter": upstream["adapter"]}},
@@ -37,7 +43,8 @@ def merge(model: str | Path, adapter: str | Path, out: str | Path, force: bool =
               help="a train output or its adapter/ directory.")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="rebuild even when the output is up to date.")
-def merge_command(model: Path, adapter: Path, out: Path, force: bool) -> None:
+@click.option("--allow-other-base", is_flag=True, help=ALLOW_OTHER_BASE)
+def merge_command(model: Path, adapter: Path, out: Path, force: bool, allow_other_base: bool) -> None:
     """Fold the LoRA adapter into the base weights of --model, writing a new parameter store OUT."""
-    result = merge(model, adapter, out, force=force)
+    result = merge(model, adapter, out, force=force, allow_other_base=allow_other_base)
     click.echo(f"{'skipped (up to date)' if result.skipped else 'merged'}: {result.out_dir}")

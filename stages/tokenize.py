@@ -24,10 +24,10 @@ from jora_model.data.templates import NAMES as TEMPLATES
 from jora_model.errors import JoraError
 from jora_model.schema import check_settings, setting
 
-from .base import StageResult, run_stage
+from .base import StageResult, file_sha256, run_stage
 from .options import settings_options
 
-CODE_VERSION = "tokenize-1"
+CODE_VERSION = "tokenize-2"  # 2: the shards record the tokenizer's hash
 log = logging.getLogger("jora")
 _CHUNK = 512  # records per task sent to a worker
 
@@ -63,6 +63,15 @@ def _init_worker(tokenizer_path: str, template: str, system: str | None) -> None
     _worker_template = load_template(template, _worker_tokenizer, system)
 
 
+def _start_worker(parent_pid: int, *init) -> None:
+    """A pool worker's initializer: end with the parent however it ends (a killed `jora tokenize`
+    must not leave its workers running), then load the tokenizer."""
+    from stages.children import die_with_parent
+
+    die_with_parent(parent_pid)
+    _init_worker(*init)
+
+
 def _tokenize_chunk(task: tuple[list[tuple[int, dict]], int]) -> list:
     from jora_model.data.alpaca import tokenize_record
 
@@ -87,7 +96,8 @@ def _tokenized(records: list[tuple[int, dict]], tokenizer_path: Path, settings: 
     context = multiprocessing.get_context("spawn")
     # An executor, not multiprocessing.Pool: a worker that dies (out of memory, say) raises here instead
     # of leaving the parent waiting forever. map keeps the order: the same bytes every run.
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(os.getpid(), *init)) as pool:
         try:
             for examples in pool.map(_tokenize_chunk, tasks):
                 yield from examples
@@ -135,14 +145,15 @@ def _input_files(data: Path, tokenizer_path: Path) -> dict[str, Path]:
 
 
 def _usable_records(data: Path, strict: bool) -> tuple[list, list[tuple[int, dict]], Counter]:
-    """(every record, the good ones with their index, the bad ones' problems counted)."""
-    from jora_model.data.alpaca import check_record, read_records
+    """(every record, the good ones with their index, the bad ones' problems counted). Lenient, a JSON
+    Lines line that does not parse is a bad record too (strict, read_records names its line)."""
+    from jora_model.data.alpaca import UnreadableLine, check_record, read_records
 
-    records = read_records(data)
+    records = read_records(data, skip_bad_lines=not strict)
     good: list[tuple[int, dict]] = []
     invalid: Counter[str] = Counter()
     for i, record in enumerate(records):
-        problem = check_record(record)
+        problem = "not valid JSON" if isinstance(record, UnreadableLine) else check_record(record)
         if problem is None:
             good.append((i, record))
         elif strict:
@@ -151,6 +162,12 @@ def _usable_records(data: Path, strict: bool) -> tuple[list, list[tuple[int, dic
             invalid[problem] += 1
     if not good:
         raise JoraError("no usable records", data)
+    unreadable = [record.line for record in records if isinstance(record, UnreadableLine)]
+    if unreadable:  # the report counts them; this says where they are
+        shown = ", ".join(map(str, unreadable[:10]))
+        more = f", ... ({len(unreadable)} in all)" if len(unreadable) > 10 else ""
+        log.warning("%s: skipping %s %s%s: not valid JSON", data, "line" if len(unreadable) == 1 else "lines",
+                    shown, more)
     return records, good, invalid
 
 
@@ -160,7 +177,7 @@ def _build(tmp: Path, data: Path, tokenizer_path: Path, settings: TokenizeSettin
 
     from jora_model.data.alpaca import held_out
     from jora_model.data.packing import pack
-    from jora_model.data.shards import Row, ShardWriter
+    from jora_model.data.shards import TOKENIZER_KEY, Row, ShardWriter
     from jora_model.data.templates import load_template
     from jora_model.data.tokenizer import load_tokenizer
 
@@ -168,8 +185,10 @@ def _build(tmp: Path, data: Path, tokenizer_path: Path, settings: TokenizeSettin
     template = load_template(settings.template, load_tokenizer(tokenizer_path), settings.system)
     records, good, invalid = _usable_records(data, settings.strict)
     val_ids = held_out(len(records), settings.val_fraction, settings.seed)
-    # The template goes into the shards so that generation prompts as training did.
-    writers = {split: ShardWriter(tmp / split, metadata=template.metadata()) for split in ("train", "val")}
+    # The template goes into the shards so that generation prompts as training did; the tokenizer's hash
+    # so that train can refuse ids made by another tokenizer (they fit its vocabulary and mean other words).
+    metadata = {**template.metadata(), TOKENIZER_KEY: file_sha256(tokenizer_path)}
+    writers = {split: ShardWriter(tmp / split, metadata=metadata) for split in ("train", "val")}
     stats = {split: {"examples": 0, "rows": 0, "tokens": 0, "loss_tokens": 0, "lengths": []} for split in writers}
     dropped: Counter[str] = Counter({f"invalid record: {k}": v for k, v in invalid.items()})
     cut = {"examples": 0, "tokens": 0, "input": 0, "instruction": 0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,21 @@ def test_the_process_reexecutes_itself_with_the_tunable():
         assert len(lines) == 3 and lines[0].split()[1] == "None"
         assert lines[1] == lines[2] == f"{lines[0].split()[0]} {TUNABLE}"
     assert _probe({"JORA_HUGE_PAGES": "0"})[-1].split()[1] == "None"
+
+
+def test_a_child_started_with_child_dies_with_us_ends_when_its_parent_is_killed():
+    """kill -9 of the parent (no cleanup runs in it): the kernel's parent-death signal ends the child."""
+    from tests.processes import assert_all_end, descendants
+
+    code = ("import os, signal, subprocess, sys; from stages.children import child_dies_with_us; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], stdout=subprocess.DEVNULL, "
+            "preexec_fn=child_dies_with_us()); "
+            "print('started', flush=True); sys.stdin.readline(); os.kill(os.getpid(), signal.SIGKILL)")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert parent.stdout.readline() == "started\n"
+    child = descendants(parent.pid)
+    assert len(child) == 1
+    parent.communicate("go\n", timeout=60)
+    assert parent.returncode == -signal.SIGKILL
+    assert_all_end(child)

@@ -90,3 +90,5 @@ def test_overrides_for_deployment_runs(harness, source, tmp_path):
     assert changed.train.lr == 3e-4 and changed.data.path == "/new.json" and changed.lora == settings.lora
     with pytest.raises(JoraError, match="bad override"):
         apply_overrides(settings, {"train.lr": -1})
+    with pytest.raises(JoraError, match="cannot set data.path.x: data.path is a value"):
+        apply_overrides(settings, {"data.path.x": 1})

@@ -118,8 +118,16 @@ def _cut(tokenizer: Tokenizer, text: str, excess: int) -> str:
     return cut if len(cut) < len(text) else text[:-1]  # always make progress
 
 
-def read_records(path: "str | Path") -> list[Any]:
-    """An Alpaca JSON list, or JSON Lines (one record per line). Errors name the line and column."""
+@dataclasses.dataclass(frozen=True)
+class UnreadableLine:
+    """Where read_records(skip_bad_lines=True) found a JSON Lines line that does not parse. It keeps the
+    line's place in the list, so the records after it keep their numbers (and their train/val split)."""
+    line: int  # 1-based, as an editor counts
+
+
+def read_records(path: "str | Path", skip_bad_lines: bool = False) -> list[Any]:
+    """An Alpaca JSON list, or JSON Lines (one record per line). Errors name the line and column.
+    skip_bad_lines: a JSON Lines line that does not parse becomes an UnreadableLine instead of an error."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -149,8 +157,10 @@ def read_records(path: "str | Path") -> list[Any]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise JoraError(f"invalid JSON Lines record at line {number}, column {exc.colno}: {exc.msg}",
-                                path) from None
+                problem = f"invalid JSON Lines record at line {number}, column {exc.colno}: {exc.msg}"
+                if not skip_bad_lines:
+                    raise JoraError(problem, path) from None
+                records.append(UnreadableLine(number))
     if not records:
         raise JoraError("no records (empty list)", path)
     return records

@@ -11,7 +11,8 @@ told apart by `segment_ids` (1, 2, ...). Columns:
 Training predicts token t+1 from tokens <= t: the loss at position t uses loss_mask[t + 1].
 
 The schema's metadata names the prompt template the rows were made with (`jora.template`, `jora.system`,
-`jora.chat_template`; see jora_model.data.templates). Shards without it were made with plain alpaca.
+`jora.chat_template`; see jora_model.data.templates; shards without them were made with plain alpaca) and
+the SHA-256 of the tokenizer file that made the ids (`jora.tokenizer_sha256`; absent in older shards).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from jora_model.errors import JoraError
+
+TOKENIZER_KEY = "jora.tokenizer_sha256"  # which tokenizer made the ids: ShardSet.tokenizer_sha256()
 
 SCHEMA = pa.schema([
     ("example_id", pa.int64()),
@@ -134,7 +137,15 @@ class ShardSet:
         return int(self._starts[-1])
 
     def metadata(self) -> dict[str, str]:
-        """The first shard's schema metadata (str -> str): the prompt template, when not plain alpaca."""
+        """The first shard's schema metadata (str -> str) about the prompt template, when not plain alpaca
+        (the tokenizer's hash is apart, in tokenizer_sha256)."""
+        return {key: value for key, value in self._raw_metadata().items() if key != TOKENIZER_KEY}
+
+    def tokenizer_sha256(self) -> str | None:
+        """The SHA-256 of the tokenizer file the ids were made with; None in shards older than the record."""
+        return self._raw_metadata().get(TOKENIZER_KEY)
+
+    def _raw_metadata(self) -> dict[str, str]:
         raw = self._tables[0].schema.metadata or {}
         return {key.decode(): value.decode() for key, value in raw.items()}
 

@@ -5,6 +5,8 @@ the base model's settings and the hash of the store it was trained on)."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,10 @@ from jora_model.model.lora import LoraSettings, target_specs
 
 WEIGHTS = "adapter.safetensors"
 SETTINGS = "adapter.json"
+# What train records as base_hash: a store's stage key with its build id (`KEY.BUILD`), or a bare key / hash
+# of store.json for a store jora did not make. Anything else was written by a library caller as a label.
+_HASH = re.compile(r"[0-9a-f]{64}(\.[0-9a-f]{32})?")
+log = logging.getLogger("jora")
 
 
 def save_adapter(directory: Path, lora_params: dict[str, dict[str, Any]], lora: LoraSettings,
@@ -83,3 +89,46 @@ def load_adapter(path: Path, config: LlamaConfig | None = None) -> tuple[dict, L
                 leaves[name] = np.stack(per_layer)
             params[module] = leaves
     return params, lora, meta
+
+
+def check_base(adapter: Path, store: Path, store_hash: str, allow_other_base: bool = False) -> None:
+    """Refuse an adapter trained on another base than `store` (whose identity is `store_hash`, as
+    stages.base.upstream_key gives it): with the same shapes it would load and run, silently wrong.
+
+    Only the stage key is compared, not the build id after it: `jora convert --force` rebuilds the same
+    weights under a new build id, and the adapter still fits them. An adapter without a recorded hash
+    (an older jora's; train outside a stage) is accepted with a warning; a base_hash that is no hash at all
+    (a label a library caller chose) cannot be checked and is taken as it is."""
+    directory = adapter_dir(adapter)
+    try:
+        recorded = json.loads((directory / SETTINGS).read_text()).get("base_hash")
+    except (OSError, ValueError, AttributeError):
+        raise JoraError("corrupt adapter settings", directory / SETTINGS) from None
+    if not recorded:
+        log.warning("%s records no base hash (an older jora made it): cannot check it was trained on %s",
+                    directory, store)
+        return
+    if not isinstance(recorded, str) or not _HASH.fullmatch(recorded) or \
+            recorded.split(".")[0] == store_hash.split(".")[0]:
+        return
+    problem = (f"adapter trained on base {recorded[:16]}, not on {store} ({store_hash[:16]})"
+               + _merged_hint(store, recorded))
+    if allow_other_base:
+        log.warning("%s: %s; using it anyway (--allow-other-base)", directory, problem)
+        return
+    raise JoraError(f"{problem}; give the store it was trained on, or --allow-other-base to use it anyway",
+                    directory)
+
+
+def _merged_hint(store: Path, recorded: str) -> str:
+    """What a store made by `jora merge` says about the mix-up: the adapter may already be in it."""
+    try:
+        merged = json.loads((Path(store) / "store.json").read_text()).get("merged")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(merged, dict):
+        return ""
+    if str(merged.get("base", "")).split(".")[0] == recorded.split(".")[0]:
+        return ("; that store is its base with an adapter merged in, maybe this one already "
+                "(applying it again would add the update twice)")
+    return "; that store has an adapter merged in already"

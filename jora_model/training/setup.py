@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from jora_model.data.shards import BatchReader, BatchSettings, ReaderPosition
+from jora_model.data.shards import BatchReader, BatchSettings, ReaderPosition, ShardSet
 from jora_model.errors import JoraError
 from jora_model.model.config import LlamaConfig
 from jora_model.training.batches import check_token_ids, stack_batches
@@ -60,6 +60,7 @@ def setup_training(store_path: Path, data_dir: Path, work_dir: Path, settings: T
     sharding.check_divisible(config, shape, settings.batch_size)
     mesh = sharding.make_mesh(shape, config=config)
     reader = _train_reader(train_dir, mesh, settings)
+    check_tokenizer(reader.shards, store)
     val_dir = _checked_data(reader, train_dir, Path(data_dir) / "val", config, settings)
     total_steps = _count_steps(reader, settings)
     lora_init = _initial_lora(config, settings, init_adapter)
@@ -98,6 +99,28 @@ def _checked_data(reader: BatchReader, train_dir: Path, val_dir: Path, config: L
         return None
     check_token_ids(val_dir, config.vocab_size)
     return val_dir
+
+
+def check_tokenizer(shards: ShardSet, store: Any) -> None:
+    """Refuse ids made by another tokenizer than the store's: they fit its vocabulary, so nothing else
+    would notice, and the model would learn other words than the data says."""
+    import hashlib
+
+    recorded = shards.tokenizer_sha256()
+    if recorded is None:
+        log.warning("%s: the shards record no tokenizer hash (an older jora made them): cannot check they "
+                    "were tokenized with the model's tokenizer", shards.directory)
+        return
+    if store.tokenizer_path is None:
+        log.warning("%s: the store has no tokenizer: cannot check the shards were tokenized with the model's",
+                    store.path)
+        return
+    with open(store.tokenizer_path, "rb") as f:
+        ours = hashlib.file_digest(f, "sha256").hexdigest()
+    if recorded != ours:
+        raise JoraError(f"tokenized with another tokenizer (sha256 {recorded[:16]}) than the store's "
+                        f"{store.tokenizer_path} ({ours[:16]}); tokenize again with --tokenizer {store.path}",
+                        shards.directory)
 
 
 def _count_steps(reader: BatchReader, settings: TrainSettings) -> int:
