@@ -116,8 +116,11 @@ def _train(model, data, out, settings, init_adapter, resume, force, on_metrics, 
 
     # The resolved kernel set, not "auto": cpu and portable kernels round differently, so a work directory
     # moved from a CPU host to a GPU host must retrain rather than take the other set's adapter as its own.
+    # divergence_check is left out: it stops a run or lets it go on, never changes the adapter a run makes,
+    # so turning it off resumes the same run instead of starting another.
     key_settings = {**settings.to_dict(), "kernels": resolve_kernels(settings.kernels),
                     **({"warm_start": True} if warm_start else {})}
+    key_settings.pop("divergence_check", None)
     return run_stage("train", CODE_VERSION, out, {}, key_settings, build, force=force, upstream=upstream,
                      resumable=True, team=team)
 

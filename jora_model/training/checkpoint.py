@@ -31,7 +31,11 @@ def _leaves_with_names(tree: Any) -> tuple[list[str], list[Any], Any]:
     return [jax.tree_util.keystr(path) for path, _ in flat], [leaf for _, leaf in flat], treedef
 
 
-def save_checkpoint(directory: Path, state: Any, info: dict[str, Any], keep: int = 3) -> Path:
+def save_checkpoint(directory: Path, state: Any, info: dict[str, Any], keep: int = 3,
+                    settled: int | None = None) -> Path:
+    """Write the checkpoint of info["step"]; keep the newest `keep`, and with `settled` also every one
+    after that step and the newest at or before it: a divergence found later may condemn the ones after
+    `settled` (DivergenceWatch.lookback), and then the newest one older than its onset must be there."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     step = int(info["step"])
@@ -50,9 +54,21 @@ def save_checkpoint(directory: Path, state: Any, info: dict[str, Any], keep: int
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(directory)
-    for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(directory, keep, settled)
     return final
+
+
+def prune_checkpoints(directory: Path, keep: int, settled: int | None = None) -> None:
+    """Remove all but the newest `keep` checkpoints and, with `settled`, those after it and the newest at
+    or before it (save_checkpoint)."""
+    existing = list_checkpoints(directory)
+    kept = set(existing[-keep:])
+    if settled is not None:
+        kept.update(p for p in existing if checkpoint_step(p) > settled)
+        kept.update([p for p in existing if checkpoint_step(p) <= settled][-1:])
+    for old in existing:
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -69,6 +85,19 @@ def list_checkpoints(directory: Path) -> list[Path]:
         return []
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
                   and p.name[len(PREFIX):].isdigit())
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name[len(PREFIX):])
+
+
+def checkpoint_info(directory: Path, step: int) -> dict[str, Any]:
+    """The state.json of the checkpoint of `step` (the run's step, reader position, seed, ...)."""
+    path = checkpoint_path(directory, step)
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise JoraError("unreadable checkpoint (state.json)", path) from None
 
 
 def load_checkpoint(path: Path, template: Any, shardings: Any = None) -> tuple[Any, dict[str, Any]]:

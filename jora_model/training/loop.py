@@ -4,8 +4,10 @@ The host never waits for the step it has just dispatched. After dispatching step
 places step s+1's batch and dispatches step s+1, and only then reads step s's metrics (which blocks
 until step s is done), so the devices always have the next step queued. Where a hook needs the state
 after step s (evaluation, a checkpoint, the last step), the loop reads step s's metrics and runs the
-hooks before dispatching step s+1, which consumes that state. A step's loss is read, and found
-finite, before anything of its state is written.
+hooks before dispatching step s+1, which consumes that state. A step's loss and gradient norm are read,
+and judged (stop.DivergenceWatch), before anything of its state is written; as they were computed on
+the state before the step, a bad step also condemns the checkpoint of the step before it (the
+trainer drops those: Checkpointer.drop_condemned).
 
 Every process of a multi-process run takes the same decisions at the same steps: the stop request is
 agreed on (team.any) before each step, the metrics are replicated, and the hooks' steps are fixed.
@@ -14,14 +16,12 @@ agreed on (team.any) before each step, the metrics are replicated, and the hooks
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable, Protocol
 
-from jora_model.errors import JoraError
 from jora_model.training.batches import Fed
 from jora_model.training.hooks import Hooks, StepEnd
-from jora_model.training.stop import TrainingInterrupted
+from jora_model.training.stop import DivergenceWatch, TrainingDiverged, TrainingInterrupted
 
 
 class Checkpoints(Protocol):
@@ -44,6 +44,8 @@ class LoopParts:
     checkpoints: Checkpoints  # for a stop request and the message when the loss goes bad
     team: Any  # jora_model.parallel.distributed.Team
     stop: Any  # its `requested` names the signal that asked to stop (None: carry on)
+    # judges each step's metrics (the default stops on a non-finite loss or gradient norm only)
+    watch: DivergenceWatch = dataclasses.field(default_factory=lambda: DivergenceWatch(checks=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +106,7 @@ class _Loop:
         return _Dispatched(step, metrics, fed)
 
     def _finish(self, done: _Dispatched, state: Any) -> None:
-        """Read a step's metrics (waiting for it), stop if its loss is not finite, run its hooks."""
+        """Read a step's metrics (waiting for it), stop if they show a diverging model, run its hooks."""
         record = self._read(done)
         record = self.parts.hooks.run(StepEnd(done.step, record, done.fed.position, state))
         self.last_record = record
@@ -118,9 +120,10 @@ class _Loop:
         with distributed.collective(f"training step {done.step}"):
             loss = float(metrics.loss)
             lr, grad_norm, tokens = float(metrics.lr), float(metrics.grad_norm), int(metrics.tokens)
-        if not math.isfinite(loss):
-            raise JoraError(f"loss became {loss} at step {done.step}; stopping ({self.parts.checkpoints.kept()}). "
-                            "Try a lower --lr.")
+        found = self.parts.watch.see(done.step, loss, grad_norm)
+        if found is not None:
+            advice = "Try a lower --lr" + (" (or --no-divergence-check if the run is fine)" if found.heuristic else "")
+            raise TrainingDiverged(f"{found.what}; stopping ({self.parts.checkpoints.kept()}). {advice}.", found.onset)
         now = time.perf_counter()
         elapsed, self.mark = now - self.mark, now
         return {"step": done.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,

@@ -13,6 +13,7 @@ from jora_model.backends import KERNELS
 from jora_model.model.lora import LoraSettings
 from jora_model.model.remat import POLICIES
 from jora_model.schema import check_settings, setting
+from jora_model.training.stop import LOSS_MARGIN, LOSS_WINDOW, ZERO_GRAD_STEPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,10 @@ class TrainSettings:
     warmup_ratio: float = setting(0.03, "share of the steps spent warming the learning rate up", ge=0, le=1)
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay", ge=0)
     max_grad_norm: float = setting(1.0, "gradient clipping: the largest global gradient norm", gt=0)
+    divergence_check: bool = setting(True, f"stop a run whose model diverged or died: a loss more than {LOSS_MARGIN:g} "
+                                     f"nat above the mean of its first {LOSS_WINDOW} steps for {LOSS_WINDOW} steps in "
+                                     f"a row, or a gradient norm of exactly 0 for {ZERO_GRAD_STEPS} (a NaN or "
+                                     "infinite loss stops it either way)")
     pad_multiple: int = setting(128, "rows are padded to a multiple of this many tokens", ge=1, cli=False)
     eval_batch_size: int | None = setting(None, "rows per evaluation batch (default: batch_size)", ge=1, cli=False)
     kernels: str = setting("auto", "backend kernels: cpu (XLA:CPU's fast forms), portable (plain JAX, for GPUs and "

@@ -30,7 +30,8 @@ from jora_model.training.loop import LoopEnd, LoopParts, run_loop
 from jora_model.training.metrics_log import METRICS, MetricsLog, plot_loss, read_records
 from jora_model.training.settings import TrainSettings
 from jora_model.training.setup import TrainingSetup, setup_training
-from jora_model.training.stop import StopOnSignal, TrainingInterrupted  # noqa: F401  (raised by the loop)
+from jora_model.training.stop import DivergenceWatch, StopOnSignal, TrainingDiverged
+from jora_model.training.stop import TrainingInterrupted  # noqa: F401  (raised by the loop)
 
 log = logging.getLogger("jora")
 
@@ -72,8 +73,9 @@ def _train(setup: TrainingSetup, work_dir: Path, settings: TrainSettings,
     first_step = setup.first_step
     metrics_log = MetricsLog(work_dir, first_step, enabled=team.is_leader)
     bar = ProgressBar(setup.total_steps, first_step, progress, enabled=team.is_leader)
+    watch = DivergenceWatch(settings.divergence_check, setup.config.vocab_size, _watch_history(setup))
     checkpointer = Checkpointer(setup.checkpoints, settings.seed, setup.total_steps, settings.keep_checkpoints,
-                                team, last_good=setup.resumed_from)
+                                team, last_good=setup.resumed_from, watch=watch)
     hooks = Hooks(setup.total_steps)
     if setup.val_dir is not None:
         hooks.add(Evaluation(setup.fns, setup.frozen, setup.mesh, setup.val_dir, settings),
@@ -87,13 +89,28 @@ def _train(setup: TrainingSetup, work_dir: Path, settings: TrainSettings,
     frozen, train_step = setup.frozen, setup.fns.train_step
     stop = StopOnSignal()
     try:
-        return run_loop(LoopParts(first_step, setup.total_steps, setup.reader.position, feed,
-                                  lambda state, batch: train_step(state, frozen, batch), hooks, checkpointer,
-                                  team, stop), setup.state)
+        end = run_loop(LoopParts(first_step, setup.total_steps, setup.reader.position, feed,
+                                 lambda state, batch: train_step(state, frozen, batch), hooks, checkpointer,
+                                 team, stop, watch), setup.state)
+        checkpointer.finish()
+        return end
+    except TrainingDiverged:
+        checkpointer.drop_condemned()  # a rerun must not resume from the weights that went bad
+        raise
     finally:
         stop.restore()
         bar.close()
         metrics_log.close()
+
+
+def _watch_history(setup: TrainingSetup) -> dict[str, Any] | None:
+    """What the divergence checks had seen by the checkpoint this run resumes from (None: a fresh run,
+    or a checkpoint written before they existed)."""
+    from jora_model.training.checkpoint import checkpoint_info
+
+    if setup.resumed_from is None:
+        return None
+    return checkpoint_info(setup.checkpoints, setup.resumed_from).get("divergence_watch")
 
 
 def _finish(setup: TrainingSetup, end: LoopEnd, work_dir: Path, settings: TrainSettings, base_hash: str,
