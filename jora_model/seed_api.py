@@ -77,7 +77,7 @@ def train_lora(config: ParallamaConfig, dataset: Any, checkpoint_path: str | Pat
     """Train an adapter as the seed library did; returns the TrainResult (adapter under
     checkpoint_path/adapter). Rerunning with the same checkpoint_path resumes."""
     from jora_model.model.config import preset
-    from jora_model.data.shards import Row, ShardWriter
+    from jora_model.data.shards import TOKENIZER_KEY, Row, ShardWriter
     from jora_model.model.lora import LoraSettings
     from jora_model.formats.store import Store
     from jora_model.training.trainer import TrainSettings, run_training
@@ -94,9 +94,14 @@ def train_lora(config: ParallamaConfig, dataset: Any, checkpoint_path: str | Pat
     checkpoint_path = Path(checkpoint_path)
     data_dir = checkpoint_path / "data"
     if not (data_dir / "train").is_dir():  # written once: a resumed run reads the same rows
+        import hashlib
+
         tmp = checkpoint_path / ".data.partial"
-        writer = ShardWriter(tmp / "train")
-        for i, ids, mask in _examples(dataset, config_tokenizer(config), config.MAX_SEQ_LEN):
+        tokenizer = config_tokenizer(config)
+        with open(tokenizer, "rb") as f:  # so train can check these ids are the store tokenizer's
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        writer = ShardWriter(tmp / "train", metadata={TOKENIZER_KEY: digest})
+        for i, ids, mask in _examples(dataset, tokenizer, config.MAX_SEQ_LEN):
             writer.add(Row([i], ids, mask, np.ones(len(ids), np.int32)))
         writer.close()
         if writer.rows == 0:
