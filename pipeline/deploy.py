@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -27,13 +28,41 @@ def serve(name: str, cron: str | None, settings) -> None:
                    description="LoRA fine-tune: convert, tokenize, train, merge, export (cached stages)")
 
 
+WILDCARD = ("0.0.0.0", "::", "")
+
+
+def server_environment(host: str, port: int, environ=None) -> dict[str, str]:
+    """The environment of `prefect server start --host HOST --port PORT`. Prefect's flags bind the socket
+    but do not reach its settings, so the UI read its API address from PREFECT_SERVER_API_PORT (4200) or a
+    client's PREFECT_API_URL and, on any other port, showed only "Something went wrong" (issue 22): the
+    server's own address is set here, unless the user named the UI's API address (e.g. a reverse proxy).
+    Prefect has no allow-list of Host names; it can limit CORS, so other web sites a browser visits may
+    not call this API (only the UI's own origins), which is as close as its settings go."""
+    environ = os.environ if environ is None else environ
+    env = {**environ, **OFFLINE, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
+    address = f"[{host}]" if ":" in host else host
+    names = [address, "127.0.0.1", "localhost", "[::1]"]
+    if host in WILDCARD:  # reached by this machine's own names; the page's address cannot be known here
+        names[:1] = [socket.gethostname(), socket.getfqdn()]
+    own = dict.fromkeys(f"http://{name}:{port}" for name in names)  # ordered, without repeats
+    # A wildcard address is no address a browser on another machine can use (and recent Chromium refuses
+    # 0.0.0.0): the page's own origin then, which a relative URL gives (both Prefect UIs accept it).
+    ours = {("PREFECT_SERVER_UI_API_URL", "PREFECT_UI_API_URL"):
+            "/api" if host in WILDCARD else f"http://{address}:{port}/api",
+            ("PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS", "PREFECT_SERVER_CORS_ALLOWED_ORIGINS"): ",".join(own)}
+    for spellings, value in ours.items():  # Prefect reads either spelling; the user's setting wins
+        if not any(environ.get(name) for name in spellings):
+            env[spellings[0]] = value
+    return env
+
+
 def start_server(host: str = "127.0.0.1", port: int = 4200, ui: bool = True) -> int:
     """Run `prefect server start` in the foreground on `host` (loopback unless the user says otherwise);
     its exit status. Stopped or interrupted, the server is stopped before this returns (SIGTERM: it
     closes its database), and the exception goes on to the command line."""
     from stages.children import child_dies_with_us
 
-    env = {**os.environ, **OFFLINE}
+    env = server_environment(host, port)
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     if not ui:
         command.append("--no-ui")
