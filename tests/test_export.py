@@ -100,6 +100,23 @@ def test_peft_adapter_on_the_exported_base(setup):
     assert np.abs(theirs - ours).max() < 1e-4
 
 
+def test_peft_adapter_naming_a_bf16_base_of_an_fp32_store(setup):
+    """--base-hf rounded to bf16: adapter_config.json names it, and the self-check (on a scratch fp32 base,
+    since the rounded one differs from our weights) passes; AutoPeftModelForCausalLM loads it by that name."""
+    root, store, adapter, tokens, ours = setup
+    assert Store(store).dtype.name == "float32"
+    base = export(store, root / "hf-base-bf16", verify=False).out_dir
+    result = export_adapter(store, adapter, root / "peft-bf16", base_hf=base)
+    assert result.manifest["facts"]["max_abs_diff"] < 1e-4
+    assert json.loads((result.out_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(base.resolve())
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(str(result.out_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(tokens)).logits.numpy()
+    assert np.abs(theirs - ours).max() < 0.05 * max(1.0, float(np.abs(ours).max()))  # bf16 base weights
+    assert export_adapter(store, adapter, root / "peft-bf16", base_hf=base).skipped
+
+
 def test_exported_tokenizer_gives_our_ids(setup, tokenizer_model):
     root, store, adapter, tokens, ours = setup
     out = export(store, root / "hf-tok", dtype="fp32", verify=False).out_dir
