@@ -51,15 +51,18 @@ class JoraGroup(click.Group):
 
 
 def _log_to_stderr(level: int) -> None:
-    """Stage progress ("skipped", "wrote ...") goes to stderr, one plain line each."""
+    """Stage progress ("skipped", "wrote ...") goes to stderr, one plain line each. `level` is the
+    console's: the logger stays at INFO, so that a flow's log (Prefect's API handler) keeps every line
+    under -q too."""
     logger = logging.getLogger("jora")
     for handler in [h for h in logger.handlers if getattr(h, "_jora_cli", False)]:
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(level)
     handler._jora_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
-    logger.setLevel(level)
+    logger.setLevel(logging.INFO)
     logger.propagate = False
 
 
@@ -69,6 +72,8 @@ def _log_to_stderr(level: int) -> None:
 def cli(debug: bool, quiet: bool) -> None:
     """jora: LoRA fine-tuning of Llama models in JAX, as a pipeline of cached stages."""
     _log_to_stderr(logging.WARNING if quiet else logging.INFO)
+    if quiet:  # Prefect's console handlers too (read when Prefect is first imported); its API gets all
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     # JAX logs a warning for every accelerator plugin it probes and does not find; not news to a user.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
@@ -115,17 +120,16 @@ def run_command(demo: bool, config: Path | None, workdir: Path | None, overrides
     from pipeline.flow import RunLock, finetune, preflight, reserved_work_directory
 
     if demo:
-        from pipeline.demo import run_demo
+        from pipeline.demo import answer_line, run_demo
 
         work = (workdir or Path(".")).resolve()
         with RunLock.reserved(work), _prefect_for_this_run():
             result = run_demo(work, family or "llama2")
-        for name, stage in result.stages.items():
-            click.echo(f"{name:15s} {'skipped (up to date)' if stage['skipped'] else 'ran':22s} {stage['path']}")
+        _echo_stages(result.stages)
         click.echo(f"Hugging Face model: {result.hf_model}")
         click.echo(f"LoRA adapter:       {result.adapter}")
         click.echo(f"PEFT adapter:       {result.peft_adapter}")
-        click.echo(f"Q: {result.question}\nA: {result.answer[:300]}")
+        click.echo(f"Q: {result.question}\n{answer_line(result.answer)}")
         return
     from pipeline.settings import load_settings
 
@@ -135,8 +139,19 @@ def run_command(demo: bool, config: Path | None, workdir: Path | None, overrides
     preflight(settings)
     with reserved_work_directory(settings), _prefect_for_this_run():
         result = finetune(settings)
-    for name, stage in result["stages"].items():
+    _echo_stages(result["stages"])
+
+
+def _echo_stages(stages: dict) -> None:
+    """The run's summary on stdout: each stage once, then how training ended (its manifest's facts, so a
+    skipped train stage reports the losses of the run that made the adapter)."""
+    for name, stage in stages.items():
         click.echo(f"{name:15s} {'skipped (up to date)' if stage['skipped'] else 'ran':22s} {stage['path']}")
+    train = stages.get("train", {})
+    if train.get("final_loss") is not None:
+        eval_loss = train.get("eval_loss")
+        click.echo(f"Training: {train.get('steps')} steps, final loss {train['final_loss']:.4f}, "
+                   + (f"eval loss {eval_loss:.4f}" if eval_loss is not None else "no eval loss"))
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 SAMPLE, TINY_MODEL = DATA_DIR / "sample_alpaca.json", DATA_DIR / "tiny_llama.json"
 MODELS = {"llama2": TINY_MODEL, "llama3": DATA_DIR / "tiny_llama3.json"}  # the tiny model of each family
 QUESTION = "How often should the robot batteries be checked?"
+# Said with the answer: without it, a first-time user reads the gibberish as the pipeline being broken.
+ANSWER_NOTE = "(a tiny random model trained for a minute: expect gibberish; the pipeline ran end to end)"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,12 @@ def answer(store: Path, adapter: Path, question: str = QUESTION, max_new_tokens:
 
     model = load_model(store, dtype="float32", adapter=adapter)
     return generate_text(model, load_tokenizer(store), question, "", SamplingSettings(max_new_tokens=max_new_tokens))
+
+
+def answer_line(text: str, limit: int = 300) -> str:
+    """The demo's answer as `jora run --demo` prints it: on one line, quoted, and said to be gibberish."""
+    shown = " ".join(text[:limit].split())
+    return f'A: "{shown}{"..." if len(text) > limit else ""}" {ANSWER_NOTE}'
 
 
 def run_demo(workdir: Path, family: str = "llama2") -> DemoResult:

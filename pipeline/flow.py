@@ -21,6 +21,9 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "jora")
+# The "jora" logger (above) also logs outside flow runs (the demo's checkpoint, a stage command): that is
+# not the mistake Prefect's "attempted to send logs to the API without a flow run id" warning is for.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # Prefect gives its temporary local server 20 s to start; on a busy machine (seen at load 8 on 2 cores)
 # that fails a whole run before any stage starts.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -70,6 +73,14 @@ class _DropJoraErrors(logging.Filter):
         return not getattr(record, "jora_error", False)
 
 
+class _DropTaskRunChatter(logging.Filter):
+    """A task run's INFO records ("Finished in state Completed()", under "Task run 'train-dd3'") repeat
+    the line its stage logged ("train: wrote ..."): the console names each stage once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "prefect.task_runs" and record.levelno < logging.WARNING)
+
+
 for _name in ("prefect.flow_runs", "prefect.task_runs"):
     # on the loggers, not their handlers: Prefect's logging setup replaces handlers, keeps logger filters
     logging.getLogger(_name).addFilter(_JoraErrorsInOneLine())
@@ -78,24 +89,25 @@ for _name in ("prefect.flow_runs", "prefect.task_runs"):
 @contextlib.contextmanager
 def errors_reported_by_caller():
     """While the flow runs, Prefect's console (root logger's handlers) leaves out the failure records of
-    a JoraError: the caller (`jora run`) prints that error as its one line. The API, and so the UI,
-    still gets them, without traceback."""
-    handlers, drop = list(logging.getLogger().handlers), _DropJoraErrors()
+    a JoraError: the caller (`jora run`) prints that error as its one line; and task runs' INFO records,
+    which the stages' own lines already said. The API, and so the UI, still gets them all (JoraErrors
+    without traceback)."""
+    handlers, drops = list(logging.getLogger().handlers), (_DropJoraErrors(), _DropTaskRunChatter())
     for handler in handlers:
-        handler.addFilter(drop)
+        for drop in drops:
+            handler.addFilter(drop)
     try:
         yield
     finally:
         for handler in handlers:
-            handler.removeFilter(drop)
+            for drop in drops:
+                handler.removeFilter(drop)
 
 
 def _log(result) -> dict[str, Any]:
-    logger = get_run_logger()
-    if result.skipped:
-        logger.info("%s: skipped, %s is up to date (key %s)", result.stage, result.out_dir, result.key[:12])
-    else:
-        logger.info("%s: ran, wrote %s", result.stage, result.out_dir)
+    """A stage's summary for the flow's result. Nothing is logged here: the stage itself logged "STAGE:
+    wrote ..." or "STAGE: skipped, ..." on the "jora" logger, which reaches the flow's log (and the UI)
+    through PREFECT_LOGGING_EXTRA_LOGGERS; a second line here reported every stage twice."""
     return {"path": str(result.out_dir), "skipped": result.skipped, "key": result.key}
 
 
@@ -115,13 +127,15 @@ def tokenize_task(data: str, out: str, tokenizer: str, settings: dict[str, Any])
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(model: str, data: str, out: str, settings: FinetuneSettings) -> dict[str, Any]:
+    from jora_model.training.progress import LINES
     from stages.train import train
 
+    # LINES: a log line every few steps; a bar's carriage returns would garble the flow's log
     result = train(model, data, out, train_settings(settings), warm_start=settings.train.warm_start,
-                   progress=False, distributed=distributed_settings(settings))
-    summary = _log(result)
-    _publish_training(Path(result.out_dir), result.manifest.get("facts", {}))
-    return summary
+                   progress=LINES, distributed=distributed_settings(settings))
+    facts = result.manifest.get("facts", {})
+    _publish_training(Path(result.out_dir), facts)
+    return {**_log(result), **{k: facts.get(k) for k in ("steps", "final_loss", "eval_loss")}}
 
 
 @task(name="merge", cache_policy=NO_CACHE)
@@ -140,10 +154,16 @@ def export_task(model: str, out: str, settings: dict[str, Any]) -> dict[str, Any
 
 
 @task(name="export-adapter", cache_policy=NO_CACHE)
-def export_adapter_task(model: str, adapter: str, out: str, verify: bool) -> dict[str, Any]:
-    from stages.export import export_adapter
+def export_adapter_task(model: str, adapter: str, out: str, base_out: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The PEFT adapter, after an HF export of the unmerged base (`base_out`) for its adapter_config.json to
+    name: AutoPeftModelForCausalLM loads that, not jora's store. Both are cached stages of their own, and
+    the adapter's key holds the base's build, so a rewritten base rewrites the adapter (the step "ran")."""
+    from stages.export import ExportSettings, export, export_adapter
 
-    return _log(export_adapter(model, adapter, out, verify))
+    s = ExportSettings(**settings)
+    base = _log(export(model, base_out, dtype=s.dtype, verify=s.verify, max_shard_bytes=s.max_shard_mb * 1024 ** 2))
+    summary = _log(export_adapter(model, adapter, out, s.verify, base_hf=base["path"]))
+    return {**summary, "base": base}
 
 
 def train_settings(settings: FinetuneSettings):
@@ -262,6 +282,7 @@ def preflight(settings: FinetuneSettings) -> None:
         raise JoraError(f"data file cannot be read ({exc.strerror})", data) from None
     if empty:
         raise JoraError("data file is empty", data)
+    lineage_history(Path(settings.workdir) / LINEAGE)  # refuse now a lineage.json jora would not overwrite
     _check_mesh(settings)
 
 
@@ -303,6 +324,12 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
     values (`{"data.path": "/new.json", "train.lr": 2e-4}`), for `prefect deployment run --param`."""
     from stages.tokenize import TokenizeSettings
 
+    jora_log = logging.getLogger("jora")
+    if jora_log.level == logging.NOTSET:
+        # The stages' lines ("train: wrote ...", progress) are this flow's log; left unset (a served run's
+        # subprocess), the logger would take the root's WARNING and drop them before Prefect's API handler.
+        # `jora run` sets INFO itself (-q quiets its console handler, not the logger).
+        jora_log.setLevel(logging.INFO)
     if overrides:
         settings = apply_overrides(settings, overrides)
     work = Path(settings.workdir)
@@ -318,11 +345,14 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
     skipped = [name for name, s in stages.items() if s["skipped"]]
     create_markdown_artifact(key="finetune-stages", markdown="\n".join(
         ["# Stages", "", *(f"- **{name}**: {'skipped (up to date)' if s['skipped'] else 'ran'} -> `{s['path']}`"
+                           + (f" (base: `{s['base']['path']}`)" if "base" in s else "")
                            for name, s in stages.items())]))
-    get_run_logger().info("ran: %s; skipped: %s", ", ".join(ran) or "none", ", ".join(skipped) or "none")
+    # counts, not names: each stage's own line named it, and the finetune-stages artifact lists them
+    get_run_logger().info("%d of %d stages ran, %d were up to date", len(ran), len(stages), len(skipped))
     return {"stages": stages, "hf_model": stages["export"]["path"],
             "adapter": str(Path(stages["train"]["path"]) / "adapter"),
-            "peft_adapter": stages.get("export-adapter", {}).get("path")}
+            "peft_adapter": stages.get("export-adapter", {}).get("path"),
+            "hf_base": stages.get("export-adapter", {}).get("base", {}).get("path")}
 
 
 def _run_stages(settings: FinetuneSettings, work: Path, team, tokenize_settings: dict[str, Any]) -> dict[str, Any]:
@@ -345,7 +375,7 @@ def _run_stages(settings: FinetuneSettings, work: Path, team, tokenize_settings:
             stages["merge"]["path"], str(work / "hf-model"), export_settings))
         if settings.export.peft_adapter:
             stages["export-adapter"] = _leader_first(team, lambda: export_adapter_task(
-                store, stages["train"]["path"], str(work / "peft-adapter"), settings.export.verify))
+                store, stages["train"]["path"], str(work / "peft-adapter"), str(work / "hf-base"), export_settings))
         if team.is_leader:
             _write_lineage(work, settings, stages)
     return stages
@@ -365,8 +395,36 @@ def apply_overrides(settings: FinetuneSettings, overrides: dict[str, Any]) -> Fi
         raise JoraError(f"bad override: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
 
+LINEAGE = "lineage.json"
+LINEAGE_FORMAT = "jora-lineage"
+# The keys of the one record a lineage.json held before it kept every run's: such a file is jora's too.
+_SINGLE_RECORD = {"data", "base_model", "settings", "code_versions", "stage_keys"}
+
+
+def lineage_history(path: Path) -> list[dict[str, Any]]:
+    """The runs `path` records, oldest first ([] when there is no file). A file jora did not write
+    (no "format": "jora-lineage", nor the single record of earlier versions) is refused, not replaced."""
+    try:
+        lineage = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise JoraError(f"cannot read it ({exc.strerror})", path) from None
+    except ValueError:
+        lineage = None
+    if isinstance(lineage, dict) and lineage.get("format") == LINEAGE_FORMAT and isinstance(lineage.get("runs"), list):
+        return lineage["runs"]
+    if isinstance(lineage, dict) and "format" not in lineage and _SINGLE_RECORD <= lineage.keys():
+        return [lineage]
+    raise JoraError("not a lineage file jora wrote; refusing to overwrite it (move it away or use another "
+                    "workdir)", path)
+
+
 def _write_lineage(work: Path, settings: FinetuneSettings, stages: dict[str, Any]) -> None:
-    """What this run's outputs were made from: data hash, base model, settings, code versions."""
+    """Append what this run's outputs were made from (data hash, base model, settings, code versions,
+    losses) to the work directory's history, so that two runs' adapters can be compared."""
+    import datetime
+
     from stages.base import file_sha256, read_manifest
     from stages.convert import CODE_VERSION as convert_version
     from stages.export import CODE_VERSION as export_version
@@ -374,13 +432,21 @@ def _write_lineage(work: Path, settings: FinetuneSettings, stages: dict[str, Any
     from stages.tokenize import CODE_VERSION as tokenize_version
     from stages.train import CODE_VERSION as train_version
 
+    path = work / LINEAGE
+    history = lineage_history(path)  # before any work: a foreign file stays as it was
     train_facts = (read_manifest(Path(stages["train"]["path"])) or {}).get("facts", {})
-    lineage = {
+    history.append({
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "ran": [name for name, s in stages.items() if not s["skipped"]],
         "data": {"path": settings.data.path, "sha256": file_sha256(Path(settings.data.path))},
         "base_model": {"checkpoint": settings.model.checkpoint, "store_key": stages["convert"]["key"]},
         "settings": settings.model_dump(),
         "code_versions": [convert_version, tokenize_version, train_version, merge_version, export_version],
         "stage_keys": {name: s["key"] for name, s in stages.items()},
         "warm_started_from": train_facts.get("warm_started_from"),
-    }
-    (work / "lineage.json").write_text(json.dumps(lineage, indent=1) + "\n")
+        "train": {k: train_facts.get(k) for k in ("steps", "final_loss", "eval_loss")},
+    })
+    # written whole, then renamed: a run killed here leaves the earlier history, never half of it
+    partial = path.with_name(f".{LINEAGE}.partial")
+    partial.write_text(json.dumps({"format": LINEAGE_FORMAT, "runs": history}, indent=1) + "\n", encoding="utf-8")
+    partial.replace(path)

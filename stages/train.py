@@ -56,9 +56,12 @@ class HostSettings:
 
 def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
           init_adapter: str | Path | None = None, resume: bool = True, force: bool = False,
-          on_metrics=None, progress: bool | None = None, warm_start: bool = False,
+          on_metrics=None, progress: bool | str | None = None, warm_start: bool = False,
           distributed=None) -> StageResult:
     """Train a LoRA adapter into `out` (skipped when up to date; resumed when interrupted).
+
+    on_metrics: called with each step's metrics record. progress: a bar (True), none (False), a bar on a
+    terminal (None), or "lines" (jora_model.training.progress.LINES): a log line every few steps.
 
     warm_start: when `out` already holds an adapter from an earlier run and something changed (new
     data, say), start from that adapter. Unlike init_adapter, the earlier adapter is not part of the

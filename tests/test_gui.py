@@ -485,3 +485,20 @@ def test_messages_from_files_stay_text_on_the_page():
     rendered = MarkdownIt().render(plain(hostile))
     assert "<img" not in rendered and "<a " not in rendered and "<strong>" not in rendered
     assert html.unescape(rendered.strip().removeprefix("<p>").removesuffix("</p>")) == hostile
+
+
+def test_a_gui_settings_yaml_the_gui_did_not_write_is_never_replaced(tmp_path):
+    from jora_model.errors import JoraError
+    from pipeline.gui.runs import write_config
+
+    settings = FinetuneSettings.model_validate({"workdir": str(tmp_path / "work")})
+    mine = tmp_path / "work" / "gui-settings.yaml"
+    mine.parent.mkdir()
+    mine.write_text("# my own notes\ntrain: {lr: 1.0}\n")
+    with pytest.raises(JoraError, match="jora gui did not write"):
+        write_config(settings)
+    assert mine.read_text() == "# my own notes\ntrain: {lr: 1.0}\n"
+    mine.unlink()
+    written = write_config(settings)  # the GUI's own file is rewritten on every launch
+    assert write_config(settings) == written and written.read_text().startswith("# written by `jora gui`")
+    assert FinetuneSettings.model_validate(__import__("yaml").safe_load(written.read_text())) == settings

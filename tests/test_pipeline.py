@@ -68,9 +68,13 @@ def test_reruns_exactly_what_changed(harness, source, tmp_path):
     fresh.write_text(json.dumps(records[::-1][:40]))  # refreshed retrieved context
     refreshed = finetune(_settings(work, source, data=fresh, lr=5e-3, warm_start=True))
     assert _ran(refreshed) == ALL - {"convert"}
-    lineage = json.loads((work / "lineage.json").read_text())
+    runs = json.loads((work / "lineage.json").read_text())["runs"]  # every run's record, newest last
+    assert [set(r["ran"]) for r in runs] == [ALL, set(), {"merge", "export"}, _ran(changed), _ran(refreshed)]
+    lineage = runs[-1]
     assert lineage["data"]["path"] == str(fresh) and len(lineage["data"]["sha256"]) == 64
+    assert runs[0]["data"]["path"] == str(SAMPLE) and runs[0]["data"]["sha256"] != lineage["data"]["sha256"]
     assert lineage["warm_started_from"] and lineage["stage_keys"]["convert"] == first["stages"]["convert"]["key"]
+    assert lineage["train"]["final_loss"] == refreshed["stages"]["train"]["final_loss"] is not None
 
 
 def test_one_run_per_work_directory(harness, source, tmp_path):

@@ -102,7 +102,7 @@ def test_bad_input_found_inside_the_flow_ends_in_one_line(source, tmp_path):
                          capture_output=True, text=True, env=_env(tmp_path), timeout=600)
     output = run.stdout + run.stderr
     assert run.returncode == 2, output[-3000:]
-    assert "Beginning flow run" in output and "convert: ran" in output  # it did fail inside the flow
+    assert "Beginning flow run" in output and "convert: wrote" in output  # it did fail inside the flow
     assert _error_lines(output) == [f"error: {data}: record 3: missing 'output' (use --lenient to skip bad records)"], \
         output[-3000:]
     assert "Traceback" not in output

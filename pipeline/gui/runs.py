@@ -90,13 +90,27 @@ class Run:
         raise NotImplementedError
 
 
+_GUI_MARK = "# written by `jora gui`"
+
+
+def _written_by_gui(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(_GUI_MARK)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def write_config(settings: FinetuneSettings) -> Path:
     """The settings as YAML in the work directory: what the child runs, and what a user can run again
     from a terminal with `jora run --config`."""
     work = Path(settings.workdir)
     work.mkdir(parents=True, exist_ok=True)
     path = work / "gui-settings.yaml"
-    path.write_text("# written by `jora gui`; run the same again with: jora run --config " + str(path) + "\n"
+    if path.exists() and not _written_by_gui(path):  # a user's own file of that name is never replaced
+        raise JoraError("a gui-settings.yaml that jora gui did not write is here; move it or pick another "
+                        "work directory", path)
+    path.write_text(_GUI_MARK + "; run the same again with: jora run --config " + str(path) + "\n"
                     + yaml.safe_dump(settings.model_dump(), sort_keys=False), encoding="utf-8")
     return path
 
