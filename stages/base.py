@@ -3,7 +3,8 @@ appears all at once, and skipping when nothing changed.
 
 An output directory is finished only when it holds `jora-manifest.json`, written last inside a
 private `.NAME.partial-PID-XXXX` directory that is then renamed into place. A crash leaves at most a
-partial directory, which is never read as output and is swept away by the next run.
+partial directory, which is never read as output and is swept away by the next run. While a command
+writes an output it holds `.NAME.lock` beside it, so a second writer is refused instead of racing it.
 """
 
 from __future__ import annotations
@@ -117,6 +118,41 @@ def _sweep_partials(out_dir: Path) -> None:
             continue
 
 
+def _restore_interrupted_swap(out_dir: Path) -> None:
+    """A publish killed between its two renames (_move_into_place) leaves the previous output under
+    `.NAME.old-*` and nothing at NAME: put it back. Once NAME is there, an old one is only litter."""
+    olds = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out_dir.exists():
+        os.rename(olds.pop(), out_dir)
+        log.info("restored %s, whose replacement was interrupted", out_dir)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _OutputLock:
+    """An exclusive lock beside an output (`.NAME.lock`), removed when released so finished outputs
+    leave nothing behind. A lock file removed between another process's open and its flock would let
+    two holders in, so the holder checks the path still names the file it locked."""
+
+    def __init__(self, out_dir: Path):
+        import fcntl
+
+        self.path = out_dir.parent / f".{out_dir.name}.lock"
+        self.handle = open(self.path, "a")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(self.path).st_ino != os.fstat(self.handle.fileno()).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            self.handle.close()
+            raise JoraError("another jora process is writing this output right now; wait for it to end",
+                            out_dir) from None
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.handle.close()
+
+
 def _list_outputs(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
             if p.is_file() and not p.name.startswith(".lock")}
@@ -173,13 +209,29 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
     stale work, writes the manifest and moves the result into place; the others wait for it and
     return what it wrote. Each process holds its own lock file, so two runs still exclude each other."""
     out_dir = Path(out_dir).absolute()
-    plan = _plan(stage, code_version, out_dir, inputs, settings, force, upstream, team)
-    if isinstance(plan, StageResult):
-        return plan
     leader = team is None or team.is_leader
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if leader:
-        _sweep_partials(out_dir)
+    # Process 0 holds the output's lock from the skip check to the publish: two commands writing the same
+    # output would otherwise both succeed, the second rename winning. No parent: nobody is writing there.
+    guard = _OutputLock(out_dir) if leader and out_dir.parent.is_dir() else None
+    try:
+        if guard is not None:
+            _restore_interrupted_swap(out_dir)
+        plan = _plan(stage, code_version, out_dir, inputs, settings, force, upstream, team)
+        if isinstance(plan, StageResult):
+            return plan
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if leader:
+            guard = guard or _OutputLock(out_dir)
+            _sweep_partials(out_dir)
+        return _build_and_publish(stage, code_version, out_dir, settings, build, force, resumable, team, plan)
+    finally:
+        if guard is not None:
+            guard.release()
+
+
+def _build_and_publish(stage: str, code_version: str, out_dir: Path, settings: dict[str, Any], build: Callable,
+                       force: bool, resumable: bool, team: Any, plan: "_Plan") -> StageResult:
+    leader = team is None or team.is_leader
     tmp, lock = _open_work_directory(stage, out_dir, plan.key, force, resumable, team)
     try:
         facts = build(tmp) or {}

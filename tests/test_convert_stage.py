@@ -250,3 +250,51 @@ def test_stale_partial_directory_is_never_taken_for_output(meta_dir, tmp_path):
     assert result.exit_code == 0 and "converted" in result.stdout
     assert not partial.exists()
     shutil.rmtree(tmp_path / "store")
+
+
+def test_a_second_writer_of_the_same_output_is_refused(meta_dir, tmp_path):
+    """Two `jora convert` into one output used to both succeed (the second rename won). While another
+    process holds the output's lock, a second command is refused in one line and writes nothing."""
+    import multiprocessing
+
+    out = tmp_path / "store"
+    context = multiprocessing.get_context("spawn")
+    locked, done = context.Event(), context.Event()
+    holder = context.Process(target=_hold_output_lock, args=(str(out), locked, done))
+    holder.start()
+    try:
+        assert locked.wait(60)
+        assert_clean_failure(run_cli("convert", meta_dir, out), "another jora process is writing this output",
+                             str(out))
+        assert not out.exists()
+    finally:
+        done.set()
+        holder.join(60)
+    assert run_cli("convert", meta_dir, out).exit_code == 0  # the lock went with its holder ...
+    assert no_leftovers(tmp_path, "store")  # ... and leaves no file behind
+
+
+def _hold_output_lock(out: str, locked, done) -> None:
+    from stages.base import _OutputLock
+
+    guard = _OutputLock(Path(out))
+    locked.set()
+    done.wait(60)
+    guard.release()
+
+
+def test_a_publish_killed_between_its_renames_is_restored(meta_dir, tmp_path):
+    """_move_into_place renames the old output aside, then the new one in. Killed between the two, only
+    `.NAME.old-*` holds the output: the next run puts it back (and, up to date, skips); a leftover old
+    copy beside a finished output is swept."""
+    out = tmp_path / "store"
+    assert run_cli("convert", meta_dir, out).exit_code == 0
+    before = file_identities(out)
+    aside = tmp_path / ".store.old-0badc0de"
+    out.rename(aside)
+    again = run_cli("convert", meta_dir, out)
+    assert again.exit_code == 0 and "skipped" in again.output, again.output
+    assert file_identities(out) == before and not aside.exists()
+    (tmp_path / ".store.old-12345678").mkdir()
+    assert run_cli("convert", meta_dir, out).exit_code == 0
+    assert no_leftovers(tmp_path, "store") and file_identities(out) == before
