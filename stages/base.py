@@ -118,6 +118,17 @@ def _sweep_partials(out_dir: Path) -> None:
             continue
 
 
+def _writable(make: Callable[[], Any], stage: str, out_dir: Path) -> Any:
+    """`make()`, the first write beside an output; a path that cannot be written (no permission, a
+    read-only filesystem) is one line, before any work is done."""
+    try:
+        return make()
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise JoraError(f"cannot write the {stage} output here: {exc.strerror}", out_dir) from None
+
+
 def _restore_interrupted_swap(out_dir: Path) -> None:
     """A publish killed between its two renames (_move_into_place) leaves the previous output under
     `.NAME.old-*` and nothing at NAME: put it back. Once NAME is there, an old one is only litter."""
@@ -212,16 +223,16 @@ def run_stage(stage: str, code_version: str, out_dir: Path, inputs: dict[str, Pa
     leader = team is None or team.is_leader
     # Process 0 holds the output's lock from the skip check to the publish: two commands writing the same
     # output would otherwise both succeed, the second rename winning. No parent: nobody is writing there.
-    guard = _OutputLock(out_dir) if leader and out_dir.parent.is_dir() else None
+    guard = _writable(lambda: _OutputLock(out_dir), stage, out_dir) if leader and out_dir.parent.is_dir() else None
     try:
         if guard is not None:
             _restore_interrupted_swap(out_dir)
         plan = _plan(stage, code_version, out_dir, inputs, settings, force, upstream, team)
         if isinstance(plan, StageResult):
             return plan
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _writable(lambda: out_dir.parent.mkdir(parents=True, exist_ok=True), stage, out_dir)
         if leader:
-            guard = guard or _OutputLock(out_dir)
+            guard = guard or _writable(lambda: _OutputLock(out_dir), stage, out_dir)
             _sweep_partials(out_dir)
         return _build_and_publish(stage, code_version, out_dir, settings, build, force, resumable, team, plan)
     finally:

@@ -298,3 +298,29 @@ def test_a_publish_killed_between_its_renames_is_restored(meta_dir, tmp_path):
     (tmp_path / ".store.old-12345678").mkdir()
     assert run_cli("convert", meta_dir, out).exit_code == 0
     assert no_leftovers(tmp_path, "store") and file_identities(out) == before
+
+
+def test_an_output_that_cannot_be_written_is_one_line(meta_dir, tmp_path, monkeypatch):
+    """A read-only filesystem and a directory without write permission, injected where the stage first
+    writes beside its output (the tests run as root, whom permissions do not stop)."""
+    import errno
+
+    import stages.base
+
+    def read_only(out_dir):
+        raise OSError(errno.EROFS, "Read-only file system", str(out_dir.parent / ".store.lock"))
+
+    monkeypatch.setattr(stages.base, "_OutputLock", read_only)
+    assert_clean_failure(run_cli("convert", meta_dir, tmp_path / "store"), "cannot write the convert output here",
+                         "Read-only file system", str(tmp_path / "store"))
+    real_mkdir = Path.mkdir
+
+    def no_permission(self, *args, **kwargs):
+        if self == tmp_path / "sub":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", no_permission)
+    assert_clean_failure(run_cli("convert", meta_dir, tmp_path / "sub" / "store"),
+                         "cannot write the convert output here", "Permission denied")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "sub").exists()
