@@ -370,12 +370,7 @@ def test_gui_runs_the_demo_in_a_browser(tmp_path):
             page.screenshot(path=tmp_path / "gui.png", full_page=True)
             browser.close()
     finally:
-        gui.send_signal(signal.SIGINT)
-        try:
-            gui.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            gui.kill()
-            gui.wait()
+        _stop(gui)
 
     # What the page showed is what the run wrote.
     facts = json.loads((work / "train" / "jora-manifest.json").read_text())["facts"]
