@@ -200,8 +200,9 @@ def deploy_command(name: str, cron: str | None, config: Path | None, demo: bool,
 def server_command(host: str, port: int, ui: bool) -> None:
     """Start a local Prefect server (telemetry off); point clients at it with
     PREFECT_API_URL=http://HOST:PORT/api."""
-    from pipeline.deploy import start_server
+    from pipeline.deploy import port_free, start_server
 
+    port_free(host, port)
     sys.exit(start_server(host, port, ui))
 
 
@@ -218,9 +219,14 @@ def gui_command(host: str, port: int, workdir: Path, extra_hosts: tuple[str, ...
     Bound beyond loopback (--host 0.0.0.0), the page asks for user "jora" and an access token:
     $JORA_GUI_TOKEN, or one made up and printed here."""
     try:
+        import gradio  # noqa: F401  (the page imports it when it starts serving; missing, say so now)
+
         from pipeline.gui.app import LOOPBACK, serve
     except ModuleNotFoundError as exc:
         raise JoraError(f"the GUI needs {exc.name}: pip install 'jora[gui]'") from None
+    from pipeline.deploy import port_free
+
+    port_free(host, port)
     token = None
     if host not in LOOPBACK:
         import secrets
@@ -300,7 +306,21 @@ def bench_command(settings, lora_r, targets) -> None:
 
 def main() -> None:
     stop_on_sigterm()  # here, not in the group: `python -m pipeline.cli` (the GUI's runs) gets it too
-    cli(prog_name="jora")
+    try:
+        status = cli.main(prog_name="jora", standalone_mode=False)
+    except click.UsageError as exc:
+        # click's own form is three lines (usage, a hint, the error); ours is the one line every bad
+        # input gets, naming the command whose --help says more
+        command = exc.ctx.command_path if exc.ctx else "jora"
+        click.echo(f"error: {command}: {exc.format_message()} (see {command} --help)", err=True)
+        status = exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        status = exc.exit_code
+    except click.Abort:  # Ctrl-C at one of click's own prompts
+        click.echo("interrupted; finished outputs are intact", err=True)
+        status = 130
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

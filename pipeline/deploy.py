@@ -20,9 +20,15 @@ import sys
 OFFLINE = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_EXTRA_LOGGERS": "jora"}
 
 
+# Set by `jora deploy` to its own pid: the flow runs it starts (Prefect's runner spawns each in a child
+# process, with no way to pass a preexec_fn) tie themselves to it (`tie_to_runner`).
+RUNNER_PID = "JORA_DEPLOY_RUNNER_PID"
+
+
 def serve(name: str, cron: str | None, settings) -> None:
     from pipeline.flow import finetune
 
+    os.environ[RUNNER_PID] = str(os.getpid())
     start_temporary_server()
     finetune.serve(name=name, cron=cron, parameters={"settings": settings.model_dump()},
                    description="LoRA fine-tune: convert, tokenize, train, merge, export (cached stages)")
@@ -54,6 +60,37 @@ def server_environment(host: str, port: int, environ=None) -> dict[str, str]:
         if not any(environ.get(name) for name in spellings):
             env[spellings[0]] = value
     return env
+
+
+def tie_to_runner() -> None:
+    """In a flow run that `jora deploy`'s runner started: SIGTERM this process when the runner dies
+    (kill -9 and the out-of-memory killer included), so a run never goes on holding the accelerator for
+    nobody. Only a direct child ties itself: another process in between would be the one the kernel
+    watches."""
+    from stages.children import die_with_parent
+
+    runner = os.environ.get(RUNNER_PID, "")
+    if runner.isdigit() and int(runner) != os.getpid() and os.getppid() == int(runner):
+        die_with_parent(int(runner), signal.SIGTERM)
+
+
+def port_free(host: str, port: int) -> None:
+    """Refuse in one line a port something already listens on (the servers would fail with a traceback
+    after their start-up). Bound and closed at once: only another program's socket refuses it."""
+    import errno
+
+    from jora_model.errors import JoraError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed socket's TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise JoraError(f"port {port} on {host} is in use (another server?); choose one with --port") \
+                    from None
+            raise JoraError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
 
 
 def start_server(host: str = "127.0.0.1", port: int = 4200, ui: bool = True) -> int:

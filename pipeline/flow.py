@@ -322,8 +322,10 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
     """Fine-tune a LoRA adapter on the base model and data in `settings`, exporting HF and PEFT
     directories; stages whose inputs did not change are skipped. `overrides` maps dotted names to
     values (`{"data.path": "/new.json", "train.lr": 2e-4}`), for `prefect deployment run --param`."""
+    from pipeline.deploy import tie_to_runner
     from stages.tokenize import TokenizeSettings
 
+    tie_to_runner()  # a served run ends with its `jora deploy`
     jora_log = logging.getLogger("jora")
     if jora_log.level == logging.NOTSET:
         # The stages' lines ("train: wrote ...", progress) are this flow's log; left unset (a served run's

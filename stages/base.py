@@ -120,13 +120,17 @@ def _sweep_partials(out_dir: Path) -> None:
 
 def _writable(make: Callable[[], Any], stage: str, out_dir: Path) -> Any:
     """`make()`, the first write beside an output; a path that cannot be written (no permission, a
-    read-only filesystem) is one line, before any work is done."""
+    read-only filesystem, a file where a directory must be, a name too long) is one line, before any
+    work is done."""
     try:
         return make()
     except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
+                             errno.ENAMETOOLONG, errno.ELOOP):
             raise
-        raise JoraError(f"cannot write the {stage} output here: {exc.strerror}", out_dir) from None
+        reason = "a part of the path is a file, not a directory" if exc.errno in (errno.EEXIST, errno.ENOTDIR) \
+            else exc.strerror
+        raise JoraError(f"cannot write the {stage} output here: {reason}", out_dir) from None
 
 
 def _restore_interrupted_swap(out_dir: Path) -> None:

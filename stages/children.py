@@ -1,13 +1,18 @@
 """Child processes that end with their parent, however it ends (kill -9 and the out-of-memory killer
-included, where no cleanup runs): Prefect's servers started by `jora run` / `jora server`, and the
-tokenize stage's workers. Here rather than in pipeline/ because the stages start children too.
+included, where no cleanup runs): Prefect's servers started by `jora run` / `jora server`, the
+tokenize stage's workers, and the runs and answers the GUI starts. Here rather than in pipeline/
+because the stages start children too.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import queue
 import signal
+import subprocess
 import sys
+import threading
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -39,3 +44,42 @@ def child_dies_with_us(signum: int = signal.SIGKILL):
     the forked child before exec (the setting survives exec), so it only makes the one system call."""
     parent, prctl = os.getpid(), _prctl()
     return lambda: die_with_parent(parent, signum, prctl)
+
+
+_spawner_lock = threading.Lock()
+_spawner_queue: "queue.Queue | None" = None
+
+
+def _spawner() -> "queue.Queue":
+    """The queue of the one thread that starts tied children from other threads. The kernel sends the
+    parent-death signal when the thread that forked ends, and a web server's handler threads come and go
+    (a pool's idle thread exits), which would stop a run started from one; this thread lives as long as
+    the process (daemon: it never keeps the process alive)."""
+    global _spawner_queue
+    with _spawner_lock:
+        if _spawner_queue is None:
+            _spawner_queue = queue.Queue()
+            threading.Thread(target=_serve_spawns, args=(_spawner_queue,), name="jora-spawner", daemon=True).start()
+        return _spawner_queue
+
+
+def _serve_spawns(requests: "queue.Queue") -> None:
+    while True:
+        start, done = requests.get()
+        try:
+            done.set_result(start())
+        except BaseException as exc:  # the caller's thread raises it
+            done.set_exception(exc)
+
+
+def popen_tied(command: list, signum: int = signal.SIGTERM, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen(command, **kwargs) for a child that gets `signum` when this process dies (kill -9
+    included), whichever thread asks."""
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(command, preexec_fn=child_dies_with_us(signum), **kwargs)
+
+    if threading.current_thread() is threading.main_thread():
+        return start()
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    _spawner().put((start, done))
+    return done.result()

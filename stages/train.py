@@ -83,6 +83,7 @@ def train(model: str | Path, data: str | Path, out: str | Path, settings=None,
 def _train(model, data, out, settings, init_adapter, resume, force, on_metrics, progress, warm_start,
            team) -> StageResult:
     from jora_model.backends import resolve_kernels
+    from jora_model.training.stop import TrainingDiverged
     from jora_model.training.trainer import run_training
 
     settings = settings or TrainSettings()
@@ -110,8 +111,11 @@ def _train(model, data, out, settings, init_adapter, resume, force, on_metrics, 
         if start_from is not None and warm_start:
             facts["warm_started_from"] = adapter_input(start_from)[1]
             log.info("train: warm start from the previous adapter (%s)", facts["warm_started_from"][:12])
-        result = run_training(model, data, work, settings, base_hash=upstream["model"], init_adapter=start_from,
-                              on_metrics=on_metrics, progress=progress)
+        try:
+            result = run_training(model, data, work, settings, base_hash=upstream["model"],
+                                  init_adapter=start_from, on_metrics=on_metrics, progress=progress)
+        except TrainingDiverged as exc:  # the line names the output the run was for
+            raise TrainingDiverged(str(exc), exc.onset, out) from None
         if team.is_leader:
             shutil.rmtree(work / "warm-start", ignore_errors=True)
         return {**facts, "steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,

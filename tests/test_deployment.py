@@ -1,10 +1,11 @@
 """A scheduled deployment, end to end: a local Prefect server on 127.0.0.1, `jora deploy` serving the
 flow with a cron schedule, a run triggered with `prefect deployment run ... --watch`, and every
-process stopped afterwards."""
+process stopped afterwards; `jora deploy` killed outright takes its flow run with it."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import yaml
 
 from pipeline.demo import SAMPLE, TINY_MODEL
 from pipeline.demo_source import make_demo_source
-from tests.processes import free_port, stop_group
+from tests.processes import assert_all_end, descendants, free_port, stop_group, wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -31,6 +32,25 @@ def _wait_healthy(url: str, process, timeout: float = 90) -> None:
         except OSError:
             time.sleep(0.5)
     raise AssertionError("the Prefect server did not become healthy")
+
+
+def _killed_runner_stops_its_run(served: subprocess.Popen, env: dict, work: Path) -> None:
+    """kill -9 of `jora deploy` while a flow run it started trains: the run (a child process Prefect's
+    runner spawned) and everything below it end too. The run would take hours: had it outlived the
+    runner, it would still be running when assert_all_end gives up."""
+    subprocess.run([BIN / "prefect", "deployment", "run", "finetune/nightly", "--param",
+                    'overrides={"train.max_steps": 1000000, "train.epochs": 100000}'], env=env, capture_output=True, text=True, timeout=120,
+                   check=True)
+
+    def training():  # the flow run's process tree, once its train stage has begun
+        below = descendants(served.pid)
+        started = any(p.name.startswith(".train.work-") for p in work.iterdir())
+        return below if started and below else None
+
+    below = wait_until(training, "the second run to train", process=served)
+    served.send_signal(signal.SIGKILL)
+    served.wait()
+    assert_all_end(below)
 
 
 def test_served_deployment_runs_on_trigger(tmp_path):
@@ -72,6 +92,7 @@ def test_served_deployment_runs_on_trigger(tmp_path):
         work = tmp_path / "work"
         assert (work / "hf-model" / "config.json").is_file() and (work / "peft-adapter" / "adapter_config.json").is_file()
         assert '"steps": 1' in (work / "train" / "jora-manifest.json").read_text()  # the --param override applied
+        _killed_runner_stops_its_run(served, env, work)
     finally:
         if served is not None:
             stop_group(served)

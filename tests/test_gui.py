@@ -154,6 +154,8 @@ def test_stage_events_and_states():
     assert progress.stage_event("12:00:01.5 | INFO | Task run 'export-adapter-0' - export-adapter: ran, wrote /w/p") == (
         "export-adapter", "ran")
     assert progress.stage_event("export: wrote /w/hf-model in 3.1 s") == ("export", "ran")
+    # the PEFT adapter's base, exported by the export-adapter step, is not the merged model's export
+    assert progress.stage_event("export: wrote /w/hf-base in 2.0 s") is None
     assert progress.stage_event("train: resuming from step 20 (/w/.train.work-ab/checkpoints)") is None
     demo = FinetuneSettings()
     states = progress.stage_states({"convert": "skipped", "tokenize": "ran"}, "running", demo)

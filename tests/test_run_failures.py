@@ -199,3 +199,38 @@ def test_stopped_server_stops_prefect(signum, tmp_path):
         assert status == 143 and output.splitlines()[-1] == "stopped by SIGTERM; finished outputs are intact", \
             output[-3000:]
         assert "Traceback" not in output
+
+
+def _training(pid: int, work: Path) -> dict[int, int] | None:
+    """pid's descendants once the run below it has begun to train."""
+    below = descendants(pid)
+    started = work.is_dir() and any(p.name.startswith(".train.work-") for p in work.iterdir())
+    return below if started and below else None
+
+
+# What the GUI does on Launch: a page handler's thread (one of a pool, which ends when idle) starts the run.
+GUI_LAUNCH = """
+import sys, threading, time
+from pipeline.gui.runs import LocalRun
+from pipeline.settings import load_settings
+runs = []
+handler = threading.Thread(target=lambda: runs.append(LocalRun(load_settings(sys.argv[1]))))
+handler.start()
+handler.join()
+time.sleep(3600)
+"""
+
+
+def test_killed_gui_stops_its_run(source, tmp_path):
+    """kill -9 of the GUI's process while a run it launched trains: the run and everything below it end.
+    The handler thread that launched it ended long before training began, and the run lived on."""
+    # a run of hours: had it outlived the GUI, it would still be running when assert_all_end gives up
+    config = _config(tmp_path, source, **{"train.max_steps": 10 ** 6, "train.epochs": 10 ** 5})
+    gui, _ = _start([sys.executable, "-c", GUI_LAUNCH, config], tmp_path, cwd=Path(__file__).parents[1])
+    try:
+        below = wait_until(lambda: _training(gui.pid, tmp_path / "work"), "the launched run to train", process=gui)
+        gui.send_signal(signal.SIGKILL)
+        gui.wait()
+        assert_all_end(below)
+    finally:
+        stop_group(gui)

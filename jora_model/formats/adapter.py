@@ -47,6 +47,8 @@ def save_adapter(directory: Path, lora_params: dict[str, dict[str, Any]], lora: 
 def adapter_dir(path: Path) -> Path:
     """A train stage output or its adapter/ directory -> the directory holding adapter.json."""
     path = Path(path)
+    if not path.exists():
+        raise JoraError("adapter not found", path)
     for candidate in (path, path / "adapter"):
         if (candidate / SETTINGS).is_file():
             return candidate

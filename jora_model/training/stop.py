@@ -65,8 +65,8 @@ class Divergence:
 class TrainingDiverged(JoraError):
     """The run's metrics show a dead or diverging model; the checkpoints from onset-1 on are suspect."""
 
-    def __init__(self, message: str, onset: int):
-        super().__init__(message)
+    def __init__(self, message: str, onset: int, path=None):
+        super().__init__(message, path)
         self.onset = onset
 
 

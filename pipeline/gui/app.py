@@ -22,6 +22,7 @@ from jora_model.errors import JoraError
 from pipeline.gui import checks, progress
 from pipeline.gui.form import FormField, form_fields, from_form, grouped, to_form
 from pipeline.gui.runs import OFFLINE, DeploymentRun, LocalRun, Run, check_deployment, prefect_server
+from stages.children import popen_tied
 
 STATE_MARKS = {"ran": "ran", "skipped": "skipped (up to date)", "running": "**running**", "failed": "**failed**",
                "stopped": "**stopped** (resumes)", "waiting": "waiting", "off": "off (export.peft_adapter)"}
@@ -129,11 +130,18 @@ class Controller:
         command = [sys.executable, "-m", "pipeline.cli", "generate", "--model", str(out.store), "--adapter",
                    str(out.adapter), "--prompt", prompt, "--input", context,
                    "--max-new-tokens", str(int(max_new_tokens or 64))]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=600)
-        if done.returncode != 0:
-            lines = done.stderr.strip().splitlines()
-            return "jora generate failed: " + (lines[-1] if lines else f"exit status {done.returncode}")
-        return done.stdout.strip()
+        child = popen_tied(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, **OFFLINE})
+        try:
+            out, err = child.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            return "jora generate took over 10 minutes and was stopped"
+        if child.returncode != 0:
+            lines = err.strip().splitlines()
+            return "jora generate failed: " + (lines[-1] if lines else f"exit status {child.returncode}")
+        return out.strip()
 
 
 def _widget(gr, field: FormField, label: str):

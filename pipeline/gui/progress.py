@@ -27,10 +27,15 @@ OUTPUTS = {"convert": "store", "tokenize": "tokenized", "train": "train", "merge
 _EVENT = re.compile(r"\b(export-adapter|convert|tokenize|train|merge|export): (skipped|ran|wrote)\b")
 
 
+# The export step of export-adapter writes the unmerged base here first (flow.py), logging "export: ..."
+# lines of its own, which say nothing about the export of the merged model (hf-model).
+PEFT_BASE = "hf-base"
+
+
 def stage_event(line: str) -> tuple[str, str] | None:
     """(stage, "ran" | "skipped") when `line` says a stage finished."""
     match = _EVENT.search(line)
-    if not match:
+    if not match or (match.group(1) == "export" and f"/{PEFT_BASE}" in line):
         return None
     return match.group(1), "skipped" if match.group(2) == "skipped" else "ran"
 

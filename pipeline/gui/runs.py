@@ -25,6 +25,7 @@ import yaml
 from jora_model.errors import JoraError
 from pipeline.gui.progress import stage_event
 from pipeline.settings import FinetuneSettings
+from stages.children import popen_tied
 
 LOG_LINES = 400  # lines of log kept for the page; the full log is the run's own business
 OFFLINE = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_EXTRA_LOGGERS": "jora",
@@ -125,8 +126,10 @@ class LocalRun(Run):
         # Without a server, Prefect starts a temporary one per run and gives it 20 s to come up: too short
         # on a machine busy with other work (seen on a loaded 2-core box); a user's own value wins.
         env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        bufsize=1, env=env, errors="replace")
+        # tied to this process: a GUI killed outright (kill -9, the out-of-memory killer) stops its run
+        # with SIGTERM, which the run ends as a Stop (a checkpoint the next launch resumes from)
+        self.process = popen_tied(command, signal.SIGTERM, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, bufsize=1, env=env, errors="replace")
         super().__init__(settings, f"child process {self.process.pid}: jora run --config {config}")
         threading.Thread(target=self._follow, name="jora-gui-run", daemon=True).start()
 
