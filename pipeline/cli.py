@@ -21,6 +21,7 @@ from jora_model.model.lora import LoraSettings
 from jora_model.training.bench import BenchSettings
 from pipeline.launch import Stopped, stop_on_sigterm
 from stages.convert import convert_command
+from stages.evaluate import evaluate_command
 from stages.options import option_for, settings_options
 from stages.tokenize import tokenize_command
 from stages.export import export_adapter_command, export_command
@@ -84,6 +85,7 @@ cli.add_command(train_command)
 cli.add_command(merge_command)
 cli.add_command(export_command)
 cli.add_command(export_adapter_command)
+cli.add_command(evaluate_command)
 cli.add_command(plan_command)
 
 

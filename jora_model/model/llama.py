@@ -275,17 +275,28 @@ def empty_cache(config: LlamaConfig, batch: int, length: int, dtype: str) -> KVC
 
 
 def cached_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array, cache: KVCache,
-                   cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
-    """tokens [B, T] at positions cache_index .. cache_index + T - 1 -> (logits [B, T, V], cache).
-    Call inside hk.transform; the parameters are the same as llama_forward's."""
-    t, length = tokens.shape[1], cache.k.shape[2]
-    positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), tokens.shape)
+                   cache_index: jax.Array, start: jax.Array | None = None,
+                   last_only: bool = False) -> tuple[jax.Array, KVCache]:
+    """tokens [B, T] written at cache slots cache_index .. cache_index + T - 1 -> (logits [B, T, V], cache).
+    Call inside hk.transform; the parameters are the same as llama_forward's.
+
+    start [B] (optional, default 0): the slot of each row's first real token, for a batch of prompts of
+    different lengths padded on the left. Slots before it are hidden from every query, and a token's
+    rotary position is its slot minus start, so each row computes as it would alone.
+    last_only: the logits of the last token only, [B, 1, V] (the head over a whole prompt is wasted work)."""
+    b, t, length = tokens.shape[0], tokens.shape[1], cache.k.shape[2]
+    start = jnp.zeros((b,), jnp.int32) if start is None else start.astype(jnp.int32)
+    q_slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), tokens.shape)
+    positions = jnp.maximum(q_slots - start[:, None], 0)
     embed = Embed(config.vocab_size, config.dim, options)
     x = embed(tokens)
     cos, sin = rotary_tables(positions, config)
-    # a query sees every cached key at or before its own position (later slots are empty or stale)
-    slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (tokens.shape[0], length))
-    visibility = Visibility(positions, slots, jnp.zeros_like(positions), jnp.zeros_like(slots))
+    # A query sees every cached key at or before its own slot (later slots are empty or stale) in its own
+    # segment: 1 from the row's start on, 0 for the left padding (whose queries see only padding, so no
+    # row of the mask is empty).
+    slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    visibility = Visibility(q_slots, slots, (q_slots >= start[:, None]).astype(jnp.int32),
+                            (slots >= start[:, None]).astype(jnp.int32))
 
     def layer(x, per_layer):
         k_cache, v_cache = per_layer
@@ -298,13 +309,13 @@ def cached_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array
 
     stack = hk.layer_stack(config.n_layers, with_per_layer_inputs=True, name=STACK_NAME)
     x, (k_all, v_all) = stack(layer)(x, (cache.k, cache.v))
-    x = RMSNorm(config.norm_eps, options, "final_norm")(x)
+    x = RMSNorm(config.norm_eps, options, "final_norm")(x[:, -1:] if last_only else x)
     return output_head(config, options, embed, x), KVCache(k_all, v_all)
 
 
 def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
                   segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-                  training: bool = False, hidden: bool = False) -> jax.Array:
+                  training: bool = False, hidden: bool = False, select: jax.Array | None = None) -> jax.Array:
     """tokens [B, T] -> logits [B, T, V] in fp32. Call inside hk.transform.
 
     segment_ids [B, T] (optional): tokens attend only within their own segment; positions default to
@@ -312,6 +323,8 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
     training: LoRA dropout on (needs an rng in apply).
     hidden: return the final-normed hidden states [B, T, D] in the compute dtype instead of the
     logits (the loss applies the head itself, chunk by chunk: see loss.py's head_weight).
+    select [B, R] (optional): the token indices of each row whose logits (or hidden states) alone are
+    returned, [B, R, ...]: scoring a response needs no head over its prompt.
     """
     if segment_ids is None:
         segment_ids = jnp.zeros(tokens.shape, jnp.int32)
@@ -323,6 +336,8 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
     visibility = Visibility.causal(segment_ids)
     stack = hk.layer_stack(config.n_layers, name=STACK_NAME, unroll=options.scan_unroll)
     x, *_ = stack(decoder_layer(config, options, training))(x, visibility, cos, sin)
+    if select is not None:
+        x = jnp.take_along_axis(x, select[..., None].astype(jnp.int32), axis=1)
     x = RMSNorm(config.norm_eps, options, "final_norm")(x)
     if hidden:
         return x
@@ -331,12 +346,13 @@ def llama_forward(config: LlamaConfig, options: ModelOptions, tokens: jax.Array,
 
 def transformed(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:
     """The pure (init, apply) pair: apply(params, rng, tokens, segment_ids=None, positions=None,
-    training=False, hidden=False)."""
-    return hk.transform(lambda tokens, segment_ids=None, positions=None, training=False, hidden=False:
-                        llama_forward(config, options, tokens, segment_ids, positions, training, hidden))
+    training=False, hidden=False, select=None)."""
+    return hk.transform(lambda tokens, segment_ids=None, positions=None, training=False, hidden=False, select=None:
+                        llama_forward(config, options, tokens, segment_ids, positions, training, hidden, select))
 
 
 def transformed_cached(config: LlamaConfig, options: ModelOptions) -> hk.Transformed:
-    """apply(params, None, tokens, cache, cache_index) -> (logits, cache), for generation."""
-    return hk.transform(lambda tokens, cache, cache_index: cached_forward(config, options, tokens, cache,
-                                                                         cache_index))
+    """apply(params, None, tokens, cache, cache_index, start=None, last_only=False) -> (logits, cache), for
+    generation (start: cached_forward's left padding)."""
+    return hk.transform(lambda tokens, cache, cache_index, start=None, last_only=False: cached_forward(
+        config, options, tokens, cache, cache_index, start, last_only))
