@@ -142,6 +142,7 @@ def run_command(demo: bool, config: Path | None, workdir: Path | None, overrides
     with reserved_work_directory(settings), _prefect_for_this_run():
         result = finetune(settings)
     _echo_stages(result["stages"])
+    _echo_gate(result["gate"])
 
 
 def _echo_stages(stages: dict) -> None:
@@ -154,6 +155,15 @@ def _echo_stages(stages: dict) -> None:
         eval_loss = train.get("eval_loss")
         click.echo(f"Training: {train.get('steps')} steps, final loss {train['final_loss']:.4f}, "
                    + (f"eval loss {eval_loss:.4f}" if eval_loss is not None else "no eval loss"))
+
+
+def _echo_gate(gate: dict | None) -> None:
+    """The gate's decision, last: on a scheduled retrain, the line a team reads in the morning."""
+    if gate is None:
+        return
+    decision = gate["decision"]
+    kept = "" if decision["promote"] else "; merged/, hf-model/ and peft-adapter/ are as they were"
+    click.echo(f"Gate: {decision['reason']}{kept}")
 
 
 @contextlib.contextmanager

@@ -138,6 +138,15 @@ def train_task(model: str, data: str, out: str, settings: FinetuneSettings) -> d
     return {**_log(result), **{k: facts.get(k) for k in ("steps", "final_loss", "eval_loss")}}
 
 
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(model: str, adapter: str | None, golden: str, out: str, tokenized: str,
+                  settings: dict[str, Any]) -> dict[str, Any]:
+    from stages.evaluate import EvaluateSettings, evaluate
+
+    result = evaluate(model, golden, out, adapter=adapter, settings=EvaluateSettings(**settings), tokenized=tokenized)
+    return {**_log(result), "report": json.loads((Path(result.out_dir) / "report.json").read_text())}
+
+
 @task(name="merge", cache_policy=NO_CACHE)
 def merge_task(model: str, adapter: str, out: str) -> dict[str, Any]:
     from stages.merge import merge
@@ -282,8 +291,23 @@ def preflight(settings: FinetuneSettings) -> None:
         raise JoraError(f"data file cannot be read ({exc.strerror})", data) from None
     if empty:
         raise JoraError("data file is empty", data)
+    _check_golden(settings)
     lineage_history(Path(settings.workdir) / LINEAGE)  # refuse now a lineage.json jora would not overwrite
     _check_mesh(settings)
+
+
+def _check_golden(settings: FinetuneSettings) -> None:
+    """The gate needs a golden set: eval.data, or the held-out split tokenize makes."""
+    if not settings.eval.gate:
+        return
+    if settings.eval.data:
+        golden = Path(settings.eval.data)
+        if not golden.is_file():
+            raise JoraError("golden set (eval.data) not found" if not golden.exists() else
+                            "golden set (eval.data) is not a file", golden)
+    elif settings.data.val_fraction == 0:
+        raise JoraError("settings: the gate (eval.gate) needs a golden set: set eval.data, or data.val_fraction "
+                        "above 0 for a held-out split, or eval.gate: false")
 
 
 def _check_mesh(settings: FinetuneSettings) -> None:
@@ -339,7 +363,7 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
     tokenize_settings = dataclasses.asdict(build(TokenizeSettings, settings.data))
     team = distributed.initialize(distributed_settings(settings))  # before any stage touches a device
     try:
-        stages = _run_stages(settings, work, team, tokenize_settings)
+        stages, gate = _run_stages(settings, work, team, tokenize_settings)
     except BaseException:
         distributed.mark_failed()  # the other processes stop when this one does; no shutdown barrier
         raise
@@ -351,7 +375,7 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
                            for name, s in stages.items())]))
     # counts, not names: each stage's own line named it, and the finetune-stages artifact lists them
     get_run_logger().info("%d of %d stages ran, %d were up to date", len(ran), len(stages), len(skipped))
-    return {"stages": stages, "hf_model": stages["export"]["path"],
+    return {"stages": stages, "gate": gate, "hf_model": str(work / "hf-model"),
             "adapter": str(Path(stages["train"]["path"]) / "adapter"),
             "peft_adapter": stages.get("export-adapter", {}).get("path"),
             "hf_base": stages.get("export-adapter", {}).get("base", {}).get("path")}
@@ -372,15 +396,65 @@ def _run_stages(settings: FinetuneSettings, work: Path, team, tokenize_settings:
         stages["tokenize"] = _leader_first(team, lambda: tokenize_task(data.path, str(work / "tokenized"), store,
                                                                        tokenize_settings))
         stages["train"] = train_task(store, stages["tokenize"]["path"], str(work / "train"), settings)
-        stages["merge"] = _leader_first(team, lambda: merge_task(store, stages["train"]["path"], str(work / "merged")))
-        stages["export"] = _leader_first(team, lambda: export_task(
-            stages["merge"]["path"], str(work / "hf-model"), export_settings))
-        if settings.export.peft_adapter:
-            stages["export-adapter"] = _leader_first(team, lambda: export_adapter_task(
-                store, stages["train"]["path"], str(work / "peft-adapter"), str(work / "hf-base"), export_settings))
+        gate = _leader_first(team, lambda: _gate(settings, work, store, stages)) if settings.eval.gate else None
+        if gate is None or gate["decision"]["promote"]:
+            _publish(settings, work, store, stages, team, export_settings)
         if team.is_leader:
-            _write_lineage(work, settings, stages)
-    return stages
+            _write_lineage(work, settings, stages, gate)
+    return stages, gate
+
+
+def _publish(settings: FinetuneSettings, work: Path, store: str, stages: dict[str, Any], team,
+             export_settings: dict[str, Any]) -> None:
+    """merge and the exports: what a promoted adapter replaces."""
+    stages["merge"] = _leader_first(team, lambda: merge_task(store, stages["train"]["path"], str(work / "merged")))
+    stages["export"] = _leader_first(team, lambda: export_task(
+        stages["merge"]["path"], str(work / "hf-model"), export_settings))
+    if settings.export.peft_adapter:
+        stages["export-adapter"] = _leader_first(team, lambda: export_adapter_task(
+            store, stages["train"]["path"], str(work / "peft-adapter"), str(work / "hf-base"), export_settings))
+
+
+def _gate(settings: FinetuneSettings, work: Path, store: str, stages: dict[str, Any]) -> dict[str, Any]:
+    """Score the new adapter and what is published now (the merged model; on a first run, the base model)
+    on the same golden set, and decide. The evaluations are stages (cached) in work/evaluate/ and
+    work/evaluate-published/ (or evaluate-base/); the decision is logged, published as a table artifact
+    and returned for the lineage."""
+    from jora_model.evaluation.gate import GateSettings, decide
+    from stages.base import adapter_input, output_key
+    from stages.evaluate import EvaluateSettings
+    from stages.merge import merged_adapter
+
+    golden, tokenized = settings.eval.data or stages["tokenize"]["path"], stages["tokenize"]["path"]
+    evaluation = dataclasses.asdict(build(EvaluateSettings, settings.eval))
+    stages["evaluate"] = evaluate_task(store, stages["train"]["path"], golden, str(work / "evaluate"), tokenized,
+                                       evaluation)
+    published = work / "merged"
+    if output_key(published) is not None:
+        against, name = "published model", "evaluate-published"
+        stages[name] = evaluate_task(str(published), None, golden, str(work / name), tokenized, evaluation)
+    else:  # nothing published yet: the new adapter must at least not answer worse than the base model
+        against, name = "base model", "evaluate-base"
+        stages[name] = evaluate_task(store, None, golden, str(work / name), tokenized, evaluation)
+    decision = decide(stages["evaluate"]["report"], stages[name]["report"], build(GateSettings, settings.eval),
+                      against)
+    if merged_adapter(published) == adapter_input(stages["train"]["path"])[1]:
+        # what is published is this very adapter (merged): nothing to hold back, whatever the rounding
+        decision = dataclasses.replace(decision, promote=True, reason="the published model holds this adapter")
+    (get_run_logger().info if decision.promote else get_run_logger().warning)("gate: %s", decision.reason)
+    _publish_gate(stages["evaluate"]["report"], stages[name]["report"], against, decision)
+    return {"decision": decision.to_dict(), "new": stages["evaluate"]["path"], "published": stages[name]["path"]}
+
+
+def _publish_gate(new: dict[str, Any], published: dict[str, Any], against: str, decision) -> None:
+    def row(model: str, report: dict[str, Any]) -> dict[str, Any]:
+        figures = {k: report.get(k) for k in ("n", "exact_match", "token_f1", "loss", "perplexity")}
+        no_context = report.get("no_context") or {}
+        return {"model": model, **figures, "exact_match without context": no_context.get("exact_match"),
+                "token_f1 without context": no_context.get("token_f1")}
+
+    create_table_artifact(key="evaluation-gate", table=[row("new adapter", new), row(against, published)],
+                          description=decision.reason)
 
 
 def apply_overrides(settings: FinetuneSettings, overrides: dict[str, Any]) -> FinetuneSettings:
@@ -422,7 +496,8 @@ def lineage_history(path: Path) -> list[dict[str, Any]]:
                     "workdir)", path)
 
 
-def _write_lineage(work: Path, settings: FinetuneSettings, stages: dict[str, Any]) -> None:
+def _write_lineage(work: Path, settings: FinetuneSettings, stages: dict[str, Any],
+                   gate: dict[str, Any] | None) -> None:
     """Append what this run's outputs were made from (data hash, base model, settings, code versions,
     losses) to the work directory's history, so that two runs' adapters can be compared."""
     import datetime
@@ -447,6 +522,8 @@ def _write_lineage(work: Path, settings: FinetuneSettings, stages: dict[str, Any
         "stage_keys": {name: s["key"] for name, s in stages.items()},
         "warm_started_from": train_facts.get("warm_started_from"),
         "train": {k: train_facts.get(k) for k in ("steps", "final_loss", "eval_loss")},
+        "gate": None if gate is None else {**gate, "reports": {
+            side: json.loads((Path(gate[side]) / "report.json").read_text()) for side in ("new", "published")}},
     })
     # written whole, then renamed: a run killed here leaves the earlier history, never half of it
     partial = path.with_name(f".{LINEAGE}.partial")

@@ -20,7 +20,9 @@ from jora_model.errors import JoraError
 from jora_model.model.lora import LoraSettings
 from jora_model.schema import Setting, field_types, setting, settings_of, unwrap
 from jora_model.training.settings import TrainSettings
+from jora_model.evaluation.gate import GateSettings
 from stages.convert import ConvertSettings
+from stages.evaluate import EvaluateSettings
 from stages.export import ExportSettings
 from stages.tokenize import TokenizeSettings
 from stages.train import HostSettings
@@ -37,6 +39,8 @@ class FlowSettings:
                         path=True)
     warm_start: bool = setting(False, "when the data changed, start from the previous run's adapter")
     peft_adapter: bool = setting(True, "also export the adapter for peft (peft-adapter/)")
+    data: str = setting("", "the golden set the gate scores (Alpaca JSON or JSON Lines), kept fixed by the team "
+                        "[default: the tokenize stage's held-out split]", path=True)
 
 
 _EVERY = None  # a LAYOUT entry's "every setting of the class"
@@ -51,6 +55,7 @@ LAYOUT: dict[str, tuple[tuple[type, tuple[str, ...] | None], ...]] = {
     "train": ((TrainSettings, tuple(f.name for f, _ in settings_of(TrainSettings)
                                     if f.name not in ("max_seq_len", "pad_multiple", "eval_batch_size"))),
               (FlowSettings, ("warm_start",)), (HostSettings, _EVERY)),
+    "eval": ((FlowSettings, ("data",)), (GateSettings, _EVERY), (EvaluateSettings, ("max_new_tokens", "batch_size"))),
     "export": ((ExportSettings, _EVERY), (FlowSettings, ("peft_adapter",))),
 }
 # The settings no YAML key sets, and why.
@@ -59,6 +64,10 @@ NOT_IN_YAML = {
     (TrainSettings, "pad_multiple"): "library only",
     (TrainSettings, "eval_batch_size"): "library only",
     (ConvertSettings, "max_shard_bytes"): "the store's shard size: jora convert --max-shard-size only",
+    (EvaluateSettings, "template"): "data.template prompts training and evaluation alike",
+    (EvaluateSettings, "system"): "data.system prompts training and evaluation alike",
+    (EvaluateSettings, "max_seq_len"): "data.max_seq_len cuts golden records as it cuts training records",
+    (EvaluateSettings, "compute_dtype"): "jora evaluate --compute-dtype only (the gate scores in float32)",
 }
 
 
@@ -109,9 +118,10 @@ ModelSection = _section_model("ModelSection", "model")
 DataSection = _section_model("DataSection", "data")
 LoraSection = _section_model("LoraSection", "lora")
 TrainSection = _section_model("TrainSection", "train")
+EvalSection = _section_model("EvalSection", "eval")
 ExportSection = _section_model("ExportSection", "export")
 _SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraSection, "train": TrainSection,
-             "export": ExportSection}
+             "eval": EvalSection, "export": ExportSection}
 _Top = create_model("_Top", __base__=_Section, __module__=__name__,
                     **{name: _pydantic_field(field_types(cls)[field.name], field.default, spec)
                        for name, (cls, field, spec) in yaml_settings().items() if "." not in name},

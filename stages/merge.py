@@ -37,6 +37,17 @@ def merge(model: str | Path, adapter: str | Path, out: str | Path, force: bool =
     return run_stage("merge", CODE_VERSION, out, {}, {}, build, force=force, upstream=upstream)
 
 
+def merged_adapter(store: Path) -> str | None:
+    """The hash of the adapter a merged store (merge's output) holds, or None for any other store."""
+    import json
+
+    try:
+        merged = json.loads((Path(store) / "store.json").read_text()).get("merged")
+    except (OSError, ValueError):
+        return None
+    return merged.get("adapter") if isinstance(merged, dict) else None
+
+
 @click.command("merge")
 @click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="parameter store.")
 @click.option("--adapter", "adapter", required=True, type=click.Path(path_type=Path),

@@ -159,8 +159,15 @@ def test_stage_events_and_states():
     assert progress.stage_event("train: resuming from step 20 (/w/.train.work-ab/checkpoints)") is None
     demo = FinetuneSettings()
     states = progress.stage_states({"convert": "skipped", "tokenize": "ran"}, "running", demo)
-    assert states == {"convert": "skipped", "tokenize": "ran", "train": "running", "merge": "waiting",
-                      "export": "waiting", "export-adapter": "waiting"}
+    assert states == {"convert": "skipped", "tokenize": "ran", "train": "running", "evaluate": "waiting",
+                      "merge": "waiting", "export": "waiting", "export-adapter": "waiting"}
+    assert progress.stage_event("evaluate: wrote /w/evaluate in 2.0 s") == ("evaluate", "ran")
+    assert progress.stage_event("evaluate: skipped, /w/evaluate-published is up to date") is None  # the gate's
+    kept = progress.stage_states({s: "ran" for s in ("convert", "tokenize", "train", "evaluate")}, "succeeded",
+                                 demo, kept_back=True)
+    assert [kept[s] for s in ("merge", "export", "export-adapter")] == ["kept"] * 3
+    ungated = demo.model_copy(update={"eval": demo.eval.model_copy(update={"gate": False})})
+    assert progress.stage_states({}, "running", ungated)["evaluate"] == "off"
     failed = progress.stage_states({"convert": "ran"}, "failed", demo.model_copy(update={
         "export": demo.export.model_copy(update={"peft_adapter": False})}))
     assert failed["tokenize"] == "failed" and failed["train"] == "waiting" and failed["export-adapter"] == "off"
@@ -169,6 +176,18 @@ def test_stage_events_and_states():
     clock = progress.StepClock()
     assert clock.eta(1, 11, now=100.0) is None  # the first step seen starts the clock (compilation)
     assert clock.eta(3, 11, now=104.0) == pytest.approx(16.0)  # 2 s a step, 8 steps left
+
+
+def test_gate_summary_reads_the_newest_run_of_the_lineage(tmp_path):
+    assert progress.gate_summary(tmp_path) == ("", False)  # no lineage yet
+    report = {"exact_match": 0.25, "token_f1": 0.5, "loss": 1.5, "no_context": {"exact_match": 0.05}}
+    gate = {"decision": {"promote": False, "against": "published model", "reason": "new adapter kept back: [x](y)"},
+            "reports": {"new": report, "published": {**report, "exact_match": 0.75, "no_context": None}}}
+    (tmp_path / "lineage.json").write_text(json.dumps({"format": "jora-lineage", "runs": [{"gate": None}, {"gate": gate}]}))
+    text, kept_back = progress.gate_summary(tmp_path)
+    assert kept_back and r"new adapter kept back\: \[x\]\(y\)" in text  # quoted text stays text
+    assert "| new adapter | 0.250 | 0.500 | 1.500 | 0.050 |" in text
+    assert "| published model | 0.750 | 0.500 | 1.500 | - |" in text
 
 
 def test_launch_through_a_prefect_deployment(tmp_path, monkeypatch):

@@ -33,8 +33,9 @@ def source(tmp_path_factory):
 
 def _settings(workdir: Path, source: Path, data: Path = SAMPLE, **train):
     settings = demo_settings(workdir, source, data)
-    return settings.model_copy(update={
+    return settings.model_copy(update={  # the gate has its own test (tests/test_gate.py)
         "train": settings.train.model_copy(update={"max_steps": 3, "eval_every": 0, **train}),
+        "eval": settings.eval.model_copy(update={"gate": False}),
         "export": settings.export.model_copy(update={"verify": False})})
 
 

@@ -10,7 +10,6 @@ child processes.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -20,12 +19,14 @@ from typing import Any
 
 from jora_model.errors import JoraError
 from pipeline.gui import checks, progress
+from pipeline.gui.progress import plain
 from pipeline.gui.form import FormField, form_fields, from_form, grouped, to_form
 from pipeline.gui.runs import OFFLINE, DeploymentRun, LocalRun, Run, check_deployment, prefect_server
 from stages.children import popen_tied
 
 STATE_MARKS = {"ran": "ran", "skipped": "skipped (up to date)", "running": "**running**", "failed": "**failed**",
-               "stopped": "**stopped** (resumes)", "waiting": "waiting", "off": "off (export.peft_adapter)"}
+               "stopped": "**stopped** (resumes)", "waiting": "waiting", "off": "off (by the settings)",
+               "kept": "kept as published (the gate held the new adapter back)"}
 CSS = """
 #run-status { font-size: 1.1em; }
 .jora-error, .jora-error * { color: #b91c1c !important; font-weight: 600; }
@@ -84,7 +85,8 @@ class Controller:
         if run is None:
             return {"status": "Idle: fill the form (or press **Demo**) and press **Launch**."}
         view = run.view()
-        states = progress.stage_states(view.finished, view.status, run.settings)
+        gate, kept_back = progress.gate_summary(run.work) if view.status == "succeeded" else ("", False)
+        states = progress.stage_states(view.finished, view.status, run.settings, kept_back)
         rows = [f"| {stage} | {STATE_MARKS[state]} | `{progress.OUTPUTS[stage]}/` |"
                 for stage, state in states.items()]
         metrics = progress.train_metrics(run.work, states["train"])
@@ -109,7 +111,7 @@ class Controller:
         result = {"status": status, "stages": f"Work directory `{run.work}`\n\n| stage | state | output |\n|---|---|---|\n"
                   + "\n".join(rows),
                   "step": step_text, "evals": eval_text, "log": "\n".join(reversed(view.log[-200:])),
-                  "metrics": metrics, "run_status": view.status}
+                  "metrics": metrics, "run_status": view.status, "gate": gate}
         if view.status == "succeeded":
             out = progress.outputs(run.work)
             result.update(hf_model=str(out.hf_model or ""), peft_adapter=str(out.peft_adapter or ""),
@@ -258,6 +260,7 @@ def _progress_column(gr, status) -> SimpleNamespace:
         shown.peft_adapter = gr.Textbox(label="PEFT adapter", interactive=False, elem_id="out-peft-adapter")
         shown.adapter = gr.Textbox(label="jora adapter (for jora generate --adapter)", interactive=False,
                                    elem_id="out-adapter")
+    shown.gate = gr.Markdown(elem_id="gate")
     shown.again = gr.Markdown(elem_id="run-again")
     with gr.Accordion("Try a prompt on the trained model (jora generate)", open=True):
         shown.prompt = gr.Textbox(label="Instruction", lines=2, elem_id="ask-prompt")
@@ -305,7 +308,7 @@ def _wire_events(gr, controller: Controller, buttons: SimpleNamespace, form: Sim
                 snap.get("evals", "no evaluation yet"), snap.get("log", ""), plot_update, key,
                 snap.get("eval_loss", "") if done else "", snap.get("hf_model", "") if done else "",
                 snap.get("peft_adapter", "") if done else "", snap.get("adapter", "") if done else "",
-                snap.get("again", ""))
+                snap.get("gate", ""), snap.get("again", ""))
 
     buttons.demo.click(on_demo, outputs=[*form.inputs, *error_boxes])
     buttons.launch.click(on_launch, inputs=[*form.inputs, form.deployment], outputs=[buttons.note, *error_boxes])
@@ -314,15 +317,8 @@ def _wire_events(gr, controller: Controller, buttons: SimpleNamespace, form: Sim
                     outputs=shown.answer)
     timer.tick(on_tick, inputs=seen, outputs=[shown.status, shown.stages, shown.step, shown.evals, shown.log,
                                               shown.plot, seen, shown.eval_loss, shown.hf_model, shown.peft_adapter,
-                                              shown.adapter, shown.again], show_progress="hidden",
+                                              shown.adapter, shown.gate, shown.again], show_progress="hidden",
                concurrency_limit=1)  # one at a time: a late older tick must not overwrite a newer one
-
-
-def plain(text: Any) -> str:
-    """`text` as literal Markdown: messages can quote values read from any JSON or YAML file, which
-    must not turn into links, images or HTML on the page. CommonMark lets a backslash escape any ASCII
-    punctuation."""
-    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", str(text))
 
 
 def _quietly(fn, fallback=None):

@@ -19,12 +19,15 @@ from typing import Any
 from pipeline.settings import FinetuneSettings
 
 # In the order the flow runs them; each writes work/<OUTPUTS[stage]>.
-STAGES = ("convert", "tokenize", "train", "merge", "export", "export-adapter")
-OUTPUTS = {"convert": "store", "tokenize": "tokenized", "train": "train", "merge": "merged", "export": "hf-model",
+STAGES = ("convert", "tokenize", "train", "evaluate", "merge", "export", "export-adapter")
+OUTPUTS = {"convert": "store", "tokenize": "tokenized", "train": "train", "evaluate": "evaluate", "merge": "merged",
+           "export": "hf-model",
            "export-adapter": "peft-adapter"}
 # stages/base.py logs "STAGE: skipped, ..." and "STAGE: wrote ..."; flow.py logs "STAGE: ran, wrote ...".
 # export-adapter comes first in the alternation so that "export-adapter:" never reads as "export".
-_EVENT = re.compile(r"\b(export-adapter|convert|tokenize|train|merge|export): (skipped|ran|wrote)\b")
+_EVENT = re.compile(r"\b(export-adapter|convert|tokenize|train|evaluate|merge|export): (skipped|ran|wrote)\b")
+# What follows is published only when the gate lets the new adapter through (flow.py).
+GATED = ("merge", "export", "export-adapter")
 
 
 # The export step of export-adapter writes the unmerged base here first (flow.py), logging "export: ..."
@@ -37,18 +40,25 @@ def stage_event(line: str) -> tuple[str, str] | None:
     match = _EVENT.search(line)
     if not match or (match.group(1) == "export" and f"/{PEFT_BASE}" in line):
         return None
+    if match.group(1) == "evaluate" and "/evaluate-" in line:  # the gate's evaluation of the published model
+        return None
     return match.group(1), "skipped" if match.group(2) == "skipped" else "ran"
 
 
-def stage_states(finished: dict[str, str], status: str, settings: FinetuneSettings) -> dict[str, str]:
+def stage_states(finished: dict[str, str], status: str, settings: FinetuneSettings,
+                 kept_back: bool = False) -> dict[str, str]:
     """Every stage's state: ran / skipped (from its log line); for the first unfinished one (the flow runs
     them one after another) the run's: running, failed or stopped; the rest waiting, or off (not asked
-    for). `status` is the run's: running, succeeded, failed or stopped."""
+    for), or kept (the gate held the new adapter back: what was published stays). `status` is the run's:
+    running, succeeded, failed or stopped."""
     states: dict[str, str] = {}
     current_found = False
     for stage in STAGES:
-        if stage == "export-adapter" and not settings.export.peft_adapter:
+        if (stage == "export-adapter" and not settings.export.peft_adapter) or \
+                (stage == "evaluate" and not settings.eval.gate):
             states[stage] = "off"
+        elif kept_back and stage in GATED and stage not in finished:
+            states[stage] = "kept"
         elif stage in finished:
             states[stage] = finished[stage]
         elif not current_found and status in ("running", "failed", "stopped"):
@@ -149,3 +159,34 @@ def format_eta(seconds: float | None) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     return (f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s") + " left"
+
+
+def gate_summary(work: Path) -> tuple[str, bool]:
+    """The newest run's gate (lineage.json): its decision and the two models' scores as a Markdown table,
+    and whether it kept the new adapter back. ("", False) when the run had no gate."""
+    try:
+        runs = json.loads((work / "lineage.json").read_text(encoding="utf-8"))["runs"]
+        gate = runs[-1].get("gate")
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return "", False
+    if not gate:
+        return "", False
+    decision, reports = gate["decision"], gate.get("reports", {})
+    rows = ["| model | exact match | token F1 | loss | exact match without context |", "|---|---|---|---|---|"]
+    for side, name in (("new", "new adapter"), ("published", decision.get("against", "published"))):
+        report = reports.get(side) or {}
+        no_context = report.get("no_context") or {}
+        rows.append(f"| {plain(name)} | {_figure(report.get('exact_match'))} | {_figure(report.get('token_f1'))} | "
+                    f"{_figure(report.get('loss'))} | {_figure(no_context.get('exact_match'))} |")
+    return f"**Gate**: {plain(decision['reason'])}\n\n" + "\n".join(rows), not decision["promote"]
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def plain(text: Any) -> str:
+    """`text` as literal Markdown: messages can quote values read from any JSON or YAML file, which
+    must not turn into links, images or HTML on the page. CommonMark lets a backslash escape any ASCII
+    punctuation."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", str(text))
