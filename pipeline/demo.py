@@ -2,7 +2,9 @@
 
 The demo checkpoint (Meta's layout, with a tokenizer trained on the sample data: SentencePiece for the
 "llama2" family, a tiktoken ranks file for "llama3") is built first, then the `finetune` flow runs every
-stage on it, and the trained model answers a question.
+stage on it, and the trained model answers a question of the golden set from its retrieved passages.
+The data is a synthetic retrieval task (pipeline/demo_data.py): where a team meets, when its review is or
+who leads it, answered from one of several retrieved passages, each about another team.
 """
 
 from __future__ import annotations
@@ -15,10 +17,21 @@ from pipeline.settings import DataSection, ExportSection, FinetuneSettings, Lora
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 SAMPLE, TINY_MODEL = DATA_DIR / "sample_alpaca.json", DATA_DIR / "tiny_llama.json"
+GOLDEN = DATA_DIR / "golden_alpaca.json"  # held-out records of the sample's task (tests/test_demo_data.py)
 MODELS = {"llama2": TINY_MODEL, "llama3": DATA_DIR / "tiny_llama3.json"}  # the tiny model of each family
-QUESTION = "How often should the robot batteries be checked?"
-# Said with the answer: without it, a first-time user reads the gibberish as the pipeline being broken.
-ANSWER_NOTE = "(a tiny random model trained for a minute: expect gibberish; the pipeline ran end to end)"
+# The golden set's first record (a test keeps them in step): the question, the passages retrieved for it.
+QUESTION = "On which day is the review of the legal team?"
+CONTEXT = ("[1] (handbook) The legal team has its review on Thursday.\n"
+           "[2] (calendar) The marketing team meets in Lisbon.\n"
+           "[3] (handbook) Omar leads the security team.")
+EXPECTED = "Thursday"  # that record's answer
+# Over the sample's 3,600 training records. Many records, few epochs: 1,200 records over 20 epochs were
+# memorised (the training loss fell, the eval loss did not).
+EPOCHS = 5
+# Said with the answer, so that a first-time user knows what to expect of a model this small.
+ANSWER_NOTE = (f"(asked with its retrieved passages; the answer is {EXPECTED}. A tiny random model trained for a "
+               "minute or two: it learned to pick a team's meeting city, review day or lead from passages like these, "
+               "most of the time, and can answer nothing else)")
 
 
 @dataclass(frozen=True)
@@ -29,7 +42,7 @@ class DemoResult:
     peft_adapter: Path | None
     stages: dict
     question: str
-    answer: str  # what the tiny random model learned to say in a minute: proof the pipeline runs
+    answer: str  # the trained model's answer to `question`, from the golden record's passages
 
 
 def prepare_demo(workdir: Path, family: str = "llama2") -> FinetuneSettings:
@@ -47,31 +60,35 @@ def prepare_demo(workdir: Path, family: str = "llama2") -> FinetuneSettings:
 
 
 def demo_settings(workdir: Path, checkpoint: Path, data: Path) -> FinetuneSettings:
-    """Small enough to finish in about a minute on 2 cores; large enough to see the loss fall."""
+    """What the tiny model needs to learn the bundled task (see ANSWER_NOTE) in a few minutes on 2 cores.
+    lr 2e-3 learns it (1e-3 more slowly, 3e-3 not at all); rows stay under 128 tokens (one pad multiple),
+    max_seq_len 256 only makes sure that no context is cut."""
     return FinetuneSettings(
         workdir=str(workdir),
         model=ModelSection(checkpoint=str(checkpoint), dtype="bf16"),
-        data=DataSection(path=str(data), max_seq_len=512, val_fraction=0.1),
-        lora=LoraSection(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+        data=DataSection(path=str(data), max_seq_len=256, val_fraction=0.1),
+        lora=LoraSection(r=32, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"]),
-        train=TrainSection(lr=1e-2, batch_size=4, grad_accum=1, epochs=4, eval_every=10, checkpoint_every=20,
+        train=TrainSection(lr=2e-3, batch_size=8, grad_accum=1, epochs=EPOCHS, eval_every=500, checkpoint_every=1000,
                            warmup_ratio=0.1),
         export=ExportSection(dtype="bf16"),
     )
 
 
-def answer(store: Path, adapter: Path, question: str = QUESTION, max_new_tokens: int = 40) -> str:
-    """The trained model's greedy answer, prompted with the training template."""
+def answer(store: Path, adapter: Path, question: str = QUESTION, max_new_tokens: int = 40, *,
+           context: str = CONTEXT) -> str:
+    """The trained model's greedy answer to `question` given `context`, prompted with the training template."""
     from jora_model import load_model
     from jora_model.model.generate import SamplingSettings, generate_text
     from jora_model.data.tokenizer import load_tokenizer
 
     model = load_model(store, dtype="float32", adapter=adapter)
-    return generate_text(model, load_tokenizer(store), question, "", SamplingSettings(max_new_tokens=max_new_tokens))
+    return generate_text(model, load_tokenizer(store), question, context,
+                         SamplingSettings(max_new_tokens=max_new_tokens))
 
 
 def answer_line(text: str, limit: int = 300) -> str:
-    """The demo's answer as `jora run --demo` prints it: on one line, quoted, and said to be gibberish."""
+    """The demo's answer as `jora run --demo` prints it: on one line, quoted, with what to expect of it."""
     shown = " ".join(text[:limit].split())
     return f'A: "{shown}{"..." if len(text) > limit else ""}" {ANSWER_NOTE}'
 

@@ -18,15 +18,22 @@ from jora_model.errors import JoraError
 
 from stages.base import StageResult, run_stage
 
-CODE_VERSION = "demo-source-2"
+CODE_VERSION = "demo-source-3"
 
 
 def _texts(sample: Path):
+    """The sample's text, and the prompt template's as often as training sees it (once a record): a real
+    tokenizer knows the template's words, and one trained on the records alone spells them out letter by
+    letter, doubling every row."""
+    from jora_model.data.alpaca import TEMPLATES
+
     try:
         records = json.loads(sample.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise JoraError(f"not valid JSON ({exc})", sample) from None
+    template = TEMPLATES["alpaca"][0].replace("{instruction}", "").replace("{input}", "")
     for record in records:
+        yield template
         for key in ("instruction", "input", "output"):
             if record.get(key):
                 yield record[key]
@@ -41,7 +48,11 @@ def _tokenizer(family: str, sample: Path, settings: dict, out: Path, shards: int
 
     vocab_size = int(settings.pop("tokenizer_vocab_size"))
     if family == "llama2":
-        return train_llama_tokenizer(_texts(sample), out, vocab_size)
+        tokenizer = train_llama_tokenizer(_texts(sample), out, vocab_size)
+        got = tokenizer_vocab_size(tokenizer)
+        if got % shards:  # a text too short for vocab_size pieces gave any number; the output splits its rows
+            tokenizer = train_llama_tokenizer(_texts(sample), out, got - got % shards)
+        return tokenizer
     tokenizer = train_tiktoken_ranks(_texts(sample), out, vocab_size - TIKTOKEN_SPECIALS, multiple=shards)
     settings["vocab_size"] = tokenizer_vocab_size(tokenizer)  # Llama 3's params.json writes it out
     return tokenizer

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jora_model import load_model
 from jora_model.data.tokenizer_files import tokenizer_vocab_size
+from pipeline.demo import QUESTION
 from tests.test_convert_stage import file_identities
 
 JORA = Path(sys.executable).with_name("jora")
@@ -25,6 +26,7 @@ def test_demo_runs_every_stage_then_skips_them(tmp_path):
     for name in ("convert", "tokenize", "train", "merge", "export", "export-adapter"):
         assert f"{name} " in first.stdout and "ran" in first.stdout
     assert "Hugging Face model:" in first.stdout and "\nA: " in first.stdout
+    assert f"\nQ: {QUESTION}\nA: " in first.stdout  # a golden question, answered with its passages
     work = tmp_path / "w"
     params = json.loads((work / "demo-source" / "params.json").read_text())
     assert params["vocab_size"] == -1  # written the way Llama-2's params.json is
