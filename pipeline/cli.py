@@ -126,12 +126,14 @@ def run_command(demo: bool, config: Path | None, workdir: Path | None, overrides
 
         work = (workdir or Path(".")).resolve()
         with RunLock.reserved(work), _prefect_for_this_run():
-            result = run_demo(work, family or "llama2")
+            result = run_demo(work, family or "llama2", _overrides(overrides))
         _echo_stages(result.stages)
         click.echo(f"Hugging Face model: {result.hf_model}")
         click.echo(f"LoRA adapter:       {result.adapter}")
         click.echo(f"PEFT adapter:       {result.peft_adapter}")
         click.echo(f"Q: {result.question}\n{answer_line(result.answer)}")
+        click.echo(result.scores.line())
+        _echo_gate(result.gate)
         return
     from pipeline.settings import load_settings
 
@@ -149,7 +151,7 @@ def _echo_stages(stages: dict) -> None:
     """The run's summary on stdout: each stage once, then how training ended (its manifest's facts, so a
     skipped train stage reports the losses of the run that made the adapter)."""
     for name, stage in stages.items():
-        click.echo(f"{name:15s} {'skipped (up to date)' if stage['skipped'] else 'ran':22s} {stage['path']}")
+        click.echo(f"{name:18s} {'skipped (up to date)' if stage['skipped'] else 'ran':22s} {stage['path']}")
     train = stages.get("train", {})
     if train.get("final_loss") is not None:
         eval_loss = train.get("eval_loss")

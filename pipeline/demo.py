@@ -9,11 +9,13 @@ who leads it, answered from one of several retrieved passages, each about anothe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from jora_model.errors import JoraError
-from pipeline.settings import DataSection, ExportSection, FinetuneSettings, LoraSection, ModelSection, TrainSection
+from pipeline.settings import (DataSection, EvalSection, ExportSection, FinetuneSettings, LoraSection,
+                               ModelSection, TrainSection)
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 SAMPLE, TINY_MODEL = DATA_DIR / "sample_alpaca.json", DATA_DIR / "tiny_llama.json"
@@ -37,12 +39,28 @@ ANSWER_NOTE = (f"(asked with its retrieved passages; the answer is {EXPECTED}. A
 @dataclass(frozen=True)
 class DemoResult:
     workdir: Path
-    hf_model: Path
+    hf_model: Path | None  # the published one (None: the gate held back the first run's adapter)
     adapter: Path
     peft_adapter: Path | None
     stages: dict
     question: str
     answer: str  # the trained model's answer to `question`, from the golden record's passages
+    scores: "GoldenScores"
+    gate: dict | None  # the flow's gate decision (None: eval.gate off)
+
+
+@dataclass(frozen=True)
+class GoldenScores:
+    """Exact match on the golden set: what the demo shows it learned."""
+    n: int
+    trained: float  # the new adapter, with the retrieved passages
+    no_context: float | None  # the new adapter, the passages left out
+    base: float  # the untrained base model, with the passages
+
+    def line(self) -> str:
+        no_context = f"{self.no_context:.2f}" if self.no_context is not None else "n/a"
+        return (f"Golden set ({self.n} questions), exact match: {self.trained:.2f} trained, {no_context} trained "
+                f"without the passages, {self.base:.2f} for the base model")
 
 
 def prepare_demo(workdir: Path, family: str = "llama2") -> FinetuneSettings:
@@ -71,6 +89,7 @@ def demo_settings(workdir: Path, checkpoint: Path, data: Path) -> FinetuneSettin
                                                    "down_proj"]),
         train=TrainSection(lr=2e-3, batch_size=8, grad_accum=1, epochs=EPOCHS, eval_every=500, checkpoint_every=1000,
                            warmup_ratio=0.1),
+        eval=EvalSection(data=str(GOLDEN)),
         export=ExportSection(dtype="bf16"),
     )
 
@@ -93,12 +112,40 @@ def answer_line(text: str, limit: int = 300) -> str:
     return f'A: "{shown}{"..." if len(text) > limit else ""}" {ANSWER_NOTE}'
 
 
-def run_demo(workdir: Path, family: str = "llama2") -> DemoResult:
-    from pipeline.flow import finetune
+def run_demo(workdir: Path, family: str = "llama2", overrides: dict | None = None) -> DemoResult:
+    """The flow on the demo; `overrides` maps dotted settings to values, as `jora run --set` gives them
+    (relative paths are taken from the current directory)."""
+    from pipeline.flow import apply_overrides, finetune
 
     settings = prepare_demo(workdir, family)
+    if overrides:
+        settings = apply_overrides(settings, overrides).resolved(Path.cwd())
     result = finetune(settings)
     work = Path(settings.workdir)
-    return DemoResult(work, Path(result["hf_model"]), Path(result["adapter"]),
+    return DemoResult(work, Path(result["hf_model"]) if result["hf_model"] else None, Path(result["adapter"]),
                       Path(result["peft_adapter"]) if result["peft_adapter"] else None, result["stages"], QUESTION,
-                      answer(work / "store", Path(result["adapter"])))
+                      answer(work / "store", Path(result["adapter"])),
+                      golden_scores(settings, Path(result["adapter"]), result["gate"]), result["gate"])
+
+
+def golden_scores(settings: FinetuneSettings, adapter: Path, gate: dict | None) -> GoldenScores:
+    """The trained adapter's and the base model's exact match on the golden set (eval.data), from the
+    evaluate stage: the flow's own evaluations where its gate ran them, else made here (and cached)."""
+    from pipeline.flow import evaluation_settings
+    from stages.evaluate import evaluate
+
+    work = Path(settings.workdir)
+    golden = settings.eval.data or str(work / "tokenized")
+    evaluation = evaluation_settings(settings)
+
+    def report(out: str, with_adapter: Path | None, done_by_gate: str | None) -> dict:
+        if done_by_gate is None:
+            done_by_gate = evaluate(work / "store", golden, work / out, adapter=with_adapter, settings=evaluation,
+                                    tokenized=work / "tokenized").out_dir
+        return json.loads((Path(done_by_gate) / "report.json").read_text())
+
+    against_base = gate is not None and gate["decision"]["against"] == "base model"
+    trained = report("evaluate", adapter, gate["new"] if gate else None)
+    base = report("evaluate-base", None, gate["published"] if against_base else None)
+    no_context = (trained.get("no_context") or {}).get("exact_match")
+    return GoldenScores(trained["n"], trained["exact_match"], no_context, base["exact_match"])

@@ -4,7 +4,8 @@
 its cron schedule and runs each triggered flow run in a subprocess. `prefect deployment run
 'finetune/NAME' --param ...` triggers it. Telemetry is off so nothing leaves the machine.
 
-A Prefect server is a child process: `jora server` starts `prefect server start`, and a flow run with no
+A Prefect server is a child process: `jora server` starts Prefect's server (pipeline/prefect_server.py: as
+`prefect server start` runs it, behind a Host-name allow-list), and a flow run with no
 PREFECT_API_URL starts Prefect's temporary server (about 200 MB, a port held). Both are started here so
 that they die with their parent (stages/children.py: die_with_parent), even when it is killed outright.
 """
@@ -16,6 +17,8 @@ import signal
 import socket
 import subprocess
 import sys
+
+from pipeline.hosts import WILDCARD
 
 OFFLINE = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_EXTRA_LOGGERS": "jora"}
 
@@ -34,16 +37,14 @@ def serve(name: str, cron: str | None, settings) -> None:
                    description="LoRA fine-tune: convert, tokenize, train, merge, export (cached stages)")
 
 
-WILDCARD = ("0.0.0.0", "::", "")
 
 
 def server_environment(host: str, port: int, environ=None) -> dict[str, str]:
-    """The environment of `prefect server start --host HOST --port PORT`. Prefect's flags bind the socket
-    but do not reach its settings, so the UI read its API address from PREFECT_SERVER_API_PORT (4200) or a
-    client's PREFECT_API_URL and, on any other port, showed only "Something went wrong" (issue 22): the
-    server's own address is set here, unless the user named the UI's API address (e.g. a reverse proxy).
-    Prefect has no allow-list of Host names; it can limit CORS, so other web sites a browser visits may
-    not call this API (only the UI's own origins), which is as close as its settings go."""
+    """The environment of Prefect's server on HOST:PORT (pipeline/prefect_server.py). The UI reads its API
+    address from PREFECT_SERVER_API_PORT (4200) or a client's PREFECT_API_URL and, on any other port, showed
+    only "Something went wrong" (issue 22): the server's own address is set here, unless the user named the
+    UI's API address (e.g. a reverse proxy). CORS is limited to the UI's own origins, so other web sites a
+    browser visits may not call this API; the Host allow-list refuses DNS rebinding."""
     environ = os.environ if environ is None else environ
     env = {**environ, **OFFLINE, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
     address = f"[{host}]" if ":" in host else host
@@ -94,13 +95,14 @@ def port_free(host: str, port: int) -> None:
 
 
 def start_server(host: str = "127.0.0.1", port: int = 4200, ui: bool = True) -> int:
-    """Run `prefect server start` in the foreground on `host` (loopback unless the user says otherwise);
+    """Run Prefect's server in the foreground on `host` (loopback unless the user says otherwise);
     its exit status. Stopped or interrupted, the server is stopped before this returns (SIGTERM: it
     closes its database), and the exception goes on to the command line."""
     from stages.children import child_dies_with_us
 
     env = server_environment(host, port)
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    # Prefect's server as `prefect server start` runs it, behind a Host allow-list (pipeline/prefect_server.py)
+    command = [sys.executable, "-m", "pipeline.prefect_server", "--host", host, "--port", str(port)]
     if not ui:
         command.append("--no-ui")
     server = subprocess.Popen(command, env=env, preexec_fn=child_dies_with_us(signal.SIGTERM))

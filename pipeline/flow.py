@@ -175,6 +175,14 @@ def export_adapter_task(model: str, adapter: str, out: str, base_out: str, setti
     return {**summary, "base": base}
 
 
+def evaluation_settings(settings: FinetuneSettings):
+    """The evaluate stage's settings: the eval section's, with the prompt template and length limit left to
+    the tokenize output the flow passes (what training saw)."""
+    from stages.evaluate import EvaluateSettings
+
+    return build(EvaluateSettings, settings.eval)
+
+
 def train_settings(settings: FinetuneSettings):
     from jora_model.model.lora import LoraSettings
     from jora_model.training.settings import TrainSettings
@@ -301,10 +309,13 @@ def _check_golden(settings: FinetuneSettings) -> None:
     if not settings.eval.gate:
         return
     if settings.eval.data:
+        from jora_model.evaluation.golden import golden_records
+
         golden = Path(settings.eval.data)
         if not golden.is_file():
             raise JoraError("golden set (eval.data) not found" if not golden.exists() else
                             "golden set (eval.data) is not a file", golden)
+        golden_records(golden)
     elif settings.data.val_fraction == 0:
         raise JoraError("settings: the gate (eval.gate) needs a golden set: set eval.data, or data.val_fraction "
                         "above 0 for a held-out split, or eval.gate: false")
@@ -375,10 +386,15 @@ def finetune(settings: FinetuneSettings, overrides: dict[str, Any] | None = None
                            for name, s in stages.items())]))
     # counts, not names: each stage's own line named it, and the finetune-stages artifact lists them
     get_run_logger().info("%d of %d stages ran, %d were up to date", len(ran), len(stages), len(skipped))
-    return {"stages": stages, "gate": gate, "hf_model": str(work / "hf-model"),
+    from stages.base import output_key
+
+    def published(name: str) -> str | None:  # this run's, or (the gate held it back) the one before's
+        return str(work / name) if output_key(work / name) is not None else None
+
+    return {"stages": stages, "gate": gate, "hf_model": published("hf-model"),
             "adapter": str(Path(stages["train"]["path"]) / "adapter"),
-            "peft_adapter": stages.get("export-adapter", {}).get("path"),
-            "hf_base": stages.get("export-adapter", {}).get("base", {}).get("path")}
+            "peft_adapter": published("peft-adapter") if settings.export.peft_adapter else None,
+            "hf_base": published("hf-base") if settings.export.peft_adapter else None}
 
 
 def _run_stages(settings: FinetuneSettings, work: Path, team, tokenize_settings: dict[str, Any]) -> dict[str, Any]:
@@ -420,16 +436,21 @@ def _gate(settings: FinetuneSettings, work: Path, store: str, stages: dict[str, 
     on the same golden set, and decide. The evaluations are stages (cached) in work/evaluate/ and
     work/evaluate-published/ (or evaluate-base/); the decision is logged, published as a table artifact
     and returned for the lineage."""
-    from jora_model.evaluation.gate import GateSettings, decide
+    from jora_model.evaluation.gate import Decision, GateSettings, decide
     from stages.base import adapter_input, output_key
-    from stages.evaluate import EvaluateSettings
     from stages.merge import merged_adapter
 
     golden, tokenized = settings.eval.data or stages["tokenize"]["path"], stages["tokenize"]["path"]
-    evaluation = dataclasses.asdict(build(EvaluateSettings, settings.eval))
+    evaluation = dataclasses.asdict(evaluation_settings(settings))
     stages["evaluate"] = evaluate_task(store, stages["train"]["path"], golden, str(work / "evaluate"), tokenized,
                                        evaluation)
     published = work / "merged"
+    if merged_adapter(published) == adapter_input(stages["train"]["path"])[1]:
+        # what is published is this very adapter: nothing to compare (a rerun on unchanged data)
+        score = stages["evaluate"]["report"][settings.eval.metric]
+        decision = Decision(True, settings.eval.metric, score, score, "published model",
+                            "new adapter published: the published model already holds it")
+        return {"decision": decision.to_dict(), "new": stages["evaluate"]["path"], "published": None}
     if output_key(published) is not None:
         against, name = "published model", "evaluate-published"
         stages[name] = evaluate_task(str(published), None, golden, str(work / name), tokenized, evaluation)
@@ -438,9 +459,6 @@ def _gate(settings: FinetuneSettings, work: Path, store: str, stages: dict[str, 
         stages[name] = evaluate_task(store, None, golden, str(work / name), tokenized, evaluation)
     decision = decide(stages["evaluate"]["report"], stages[name]["report"], build(GateSettings, settings.eval),
                       against)
-    if merged_adapter(published) == adapter_input(stages["train"]["path"])[1]:
-        # what is published is this very adapter (merged): nothing to hold back, whatever the rounding
-        decision = dataclasses.replace(decision, promote=True, reason="the published model holds this adapter")
     (get_run_logger().info if decision.promote else get_run_logger().warning)("gate: %s", decision.reason)
     _publish_gate(stages["evaluate"]["report"], stages[name]["report"], against, decision)
     return {"decision": decision.to_dict(), "new": stages["evaluate"]["path"], "published": stages[name]["path"]}
@@ -497,7 +515,7 @@ def lineage_history(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_lineage(work: Path, settings: FinetuneSettings, stages: dict[str, Any],
-                   gate: dict[str, Any] | None) -> None:
+                   gate: dict[str, Any] | None = None) -> None:
     """Append what this run's outputs were made from (data hash, base model, settings, code versions,
     losses) to the work directory's history, so that two runs' adapters can be compared."""
     import datetime
@@ -523,7 +541,8 @@ def _write_lineage(work: Path, settings: FinetuneSettings, stages: dict[str, Any
         "warm_started_from": train_facts.get("warm_started_from"),
         "train": {k: train_facts.get(k) for k in ("steps", "final_loss", "eval_loss")},
         "gate": None if gate is None else {**gate, "reports": {
-            side: json.loads((Path(gate[side]) / "report.json").read_text()) for side in ("new", "published")}},
+            side: json.loads((Path(gate[side]) / "report.json").read_text()) if gate[side] else None
+            for side in ("new", "published")}},
     })
     # written whole, then renamed: a run killed here leaves the earlier history, never half of it
     partial = path.with_name(f".{LINEAGE}.partial")

@@ -140,7 +140,7 @@ def _run_config(w: World, tmp: Path, **changes) -> Path:
            "export": {"verify": False}}
     for dotted, value in changes.items():
         section, _, key = dotted.rpartition(".")
-        (raw[section] if section else raw)[key] = value
+        (raw.setdefault(section, {}) if section else raw)[key] = value
     return _write(tmp / "run.yaml", yaml.safe_dump(raw))
 
 
@@ -257,7 +257,8 @@ def _convert_cases() -> dict[str, Callable[[World, Path], Call]]:
         "convert: not a checkpoint": convert(_src_junk, "neither Meta's layout"),
         "convert: Meta without params.json": convert(_src_no_params, "not found", lambda s, t: s / "params.json"),
         "convert: Meta shard numbering gap": convert(_src_renamed_shard, "missing consolidated.01.pth"),
-        "convert: Meta shard cut short": convert(_src_damaged_shard, "not a readable torch checkpoint", lambda s, t: s / "consolidated.01.pth"),
+        "convert: Meta shard cut short": convert(_src_damaged_shard, "not a readable torch checkpoint",
+                                                 lambda s, t: s / "consolidated.01.pth"),
         "convert: Meta shapes disagree with params.json": convert(
             lambda tmp, w: _src_meta(tmp, w, multiple_of=128), "model settings"),
         "convert: Meta tokenizer of another model": convert(_src_other_tokenizer, "400 ids",
@@ -372,6 +373,26 @@ def _adapter_cases() -> dict[str, Callable[[World, Path], Call]]:
     }
 
 
+def _evaluate_cases() -> dict[str, Callable[[World, Path], Call]]:
+    def evaluate(golden_of, says):
+        def case(w, tmp):
+            golden = golden_of(w, tmp)
+            return Call(["evaluate", "--model", w.store, "--adapter", w.run, "--data", golden, tmp / "out"], golden,
+                        says)
+        return case
+
+    return {
+        "evaluate: empty golden set": evaluate(lambda w, tmp: _write(tmp / "golden.json", ""), "empty"),
+        "evaluate: golden set is not JSON": evaluate(lambda w, tmp: _write(tmp / "golden.json", "[{"), "invalid JSON"),
+        "evaluate: golden record without output": evaluate(
+            lambda w, tmp: _records(tmp, w, lambda r: r[1].pop("output"), "golden.json"), "record 1: missing 'output'"),
+        "evaluate: golden shards of another tokenizer": evaluate(lambda w, tmp: w.foreign_shards, "another tokenizer"),
+        "evaluate: adapter of another base": lambda w, tmp: Call(
+            ["evaluate", "--model", w.other, "--adapter", w.run, "--data", w.data_json, tmp / "out"],
+            w.run / "adapter", "trained on base"),
+    }
+
+
 def _run_cases() -> dict[str, Callable[[World, Path], Call]]:
     def lineage(w, tmp):
         _write((tmp / "work").mkdir() or tmp / "work" / "lineage.json", '{"mine": true}')
@@ -414,6 +435,15 @@ def _run_cases() -> dict[str, Callable[[World, Path], Call]]:
                                                     **{"data.path": str(_write(tmp / "e.json", ""))}),
         "run: mesh larger than the machine": lambda w, tmp: _run(w, tmp, "needs 1024 devices",
                                                                  **{"train.mesh": "model=1024"}),
+        "run: golden set not found": lambda w, tmp: _run(w, tmp, "golden set (eval.data) not found", tmp / "g.json",
+                                                         **{"eval.data": str(tmp / "g.json")}),
+        "run: golden record without output": lambda w, tmp: _run(
+            w, tmp, "golden set record 1: missing 'output'", tmp / "golden.json",
+            **{"eval.data": str(_records(tmp, w, lambda r: r[1].pop("output"), "golden.json"))}),
+        "run: an eval metric that does not exist": lambda w, tmp: _run(w, tmp, "eval.metric", tmp / "run.yaml",
+                                                                       **{"eval.metric": "bleu"}),
+        "run: the gate without a golden set": lambda w, tmp: _run(w, tmp, "needs a golden set",
+                                                                  **{"data.val_fraction": 0.0}),
         "run: work directory busy": busy,
         "run: lineage.json jora did not write": lineage,
         "run: record without output, found inside the flow": in_flow,
@@ -450,8 +480,8 @@ def _fault_cases() -> dict[str, Callable[[World, Path], Call]]:
     return {"tokenize: SIGTERM while its workers run": tokenize_stopped}
 
 
-CASES = {**_convert_cases(), **_tokenize_cases(), **_train_cases(), **_adapter_cases(), **_run_cases(),
-         **_gui_cases(), **_fault_cases()}
+CASES = {**_convert_cases(), **_tokenize_cases(), **_train_cases(), **_adapter_cases(), **_evaluate_cases(),
+         **_run_cases(), **_gui_cases(), **_fault_cases()}
 
 
 # --- the checks -------------------------------------------------------------------------------------
@@ -514,7 +544,7 @@ def holding():
 def test_the_catalogue_is_large_and_spans_every_command():
     assert len(CASES) >= 40
     commands = {name.split(":")[0] for name in CASES}
-    assert {"convert", "tokenize", "train", "merge", "export", "export-adapter", "generate", "run",
+    assert {"convert", "tokenize", "train", "merge", "export", "export-adapter", "generate", "evaluate", "run",
             "gui"} <= commands
 
 

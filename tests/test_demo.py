@@ -9,7 +9,7 @@ from pathlib import Path
 
 from jora_model import load_model
 from jora_model.data.tokenizer_files import tokenizer_vocab_size
-from pipeline.demo import QUESTION
+from pipeline.demo import GOLDEN, QUESTION
 from tests.test_convert_stage import file_identities
 
 JORA = Path(sys.executable).with_name("jora")
@@ -35,13 +35,25 @@ def test_demo_runs_every_stage_then_skips_them(tmp_path):
     assert model.config.vocab_size == tokenizer_vocab_size(work / "store" / "tokenizer.model")
     assert (work / "hf-model" / "config.json").is_file() and (work / "peft-adapter" / "adapter_config.json").is_file()
     evals = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert evals[-1]["loss"] < evals[0]["loss"]  # the demo learns something
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    # the demo learns something real: it answers the golden set from the retrieved passages
+    trained = json.loads((work / "evaluate" / "report.json").read_text())
+    base = json.loads((work / "evaluate-base" / "report.json").read_text())
+    assert trained["n"] == base["n"] == 50 and trained["data"] == str(GOLDEN)
+    assert trained["exact_match"] >= 0.5 and base["exact_match"] <= 0.2, (trained, base)
+    assert trained["no_context"]["exact_match"] <= trained["exact_match"] - 0.3  # the passages are what it reads
+    assert (f"Golden set (50 questions), exact match: {trained['exact_match']:.2f} trained, "
+            f"{trained['no_context']['exact_match']:.2f} trained without the passages, "
+            f"{base['exact_match']:.2f} for the base model") in first.stdout.splitlines()
 
     outputs = ("demo-source", "store", "tokenized", "train", "merged", "hf-model", "peft-adapter")
     before = {name: file_identities(work / name) for name in outputs}
-    second = subprocess.run([JORA, "run", "--demo", "--workdir", work], capture_output=True, text=True, env=env)
+    # --set as --config takes it: the gate's tolerance is no stage's input, so nothing reruns
+    second = subprocess.run([JORA, "run", "--demo", "--workdir", work, "--set", "eval.tolerance=0.05"],
+                            capture_output=True, text=True, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("skipped (up to date)") == 6
+    assert second.stdout.count("skipped (up to date)") == 7  # all but evaluate-base, which the gate needs no more
+    assert json.loads((work / "lineage.json").read_text())["runs"][-1]["settings"]["eval"]["tolerance"] == 0.05
     # skipped means skipped: no stage output (the demo's source included) was rebuilt or touched ...
     assert {name: file_identities(work / name) for name in outputs} == before
     # ... and no stage made a partial or work directory

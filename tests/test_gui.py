@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.demo import CONTEXT, QUESTION
 from pipeline.gui import checks, progress
 from pipeline.gui.form import form_fields, from_form, grouped, to_form
 from pipeline.settings import FinetuneSettings
@@ -55,7 +56,7 @@ def test_form_holds_every_setting_with_its_default():
         assert shown[name] == ("" if value is None and kinds[name] == "text" else value), name
     assert all(f.help for f in fields), [f.name for f in fields if not f.help]  # the example YAML documents each
     titles = [title for title, _ in grouped(fields)]
-    assert titles == ["Work directory", "Model", "Data", "LoRA", "Training", "Mesh", "Export"]
+    assert titles == ["Work directory", "Model", "Data", "LoRA", "Training", "Mesh", "Evaluation gate", "Export"]
     placed = [f.name for _, members in grouped(fields) for f in members]
     assert sorted(placed) == sorted(defaults)  # each field in exactly one group
     assert [f.name for f in dict(grouped(fields))["Mesh"]][0] == "train.mesh"
@@ -183,7 +184,8 @@ def test_gate_summary_reads_the_newest_run_of_the_lineage(tmp_path):
     report = {"exact_match": 0.25, "token_f1": 0.5, "loss": 1.5, "no_context": {"exact_match": 0.05}}
     gate = {"decision": {"promote": False, "against": "published model", "reason": "new adapter kept back: [x](y)"},
             "reports": {"new": report, "published": {**report, "exact_match": 0.75, "no_context": None}}}
-    (tmp_path / "lineage.json").write_text(json.dumps({"format": "jora-lineage", "runs": [{"gate": None}, {"gate": gate}]}))
+    lineage = {"format": "jora-lineage", "runs": [{"gate": None}, {"gate": gate}]}
+    (tmp_path / "lineage.json").write_text(json.dumps(lineage))
     text, kept_back = progress.gate_summary(tmp_path)
     assert kept_back and r"new adapter kept back\: \[x\]\(y\)" in text  # quoted text stays text
     assert "| new adapter | 0.250 | 0.500 | 1.500 | 0.050 |" in text
@@ -238,7 +240,7 @@ def test_launch_through_a_prefect_deployment(tmp_path, monkeypatch):
             stop_group(served)
         stop_group(server)
     assert view.status == "succeeded", "\n".join(view.log[-30:]) + (tmp_path / "serve.log").read_text()[-3000:]
-    assert view.finished == {stage: "ran" for stage in ("convert", "tokenize", "train", "merge", "export")}
+    assert view.finished == {stage: "ran" for stage in ("convert", "tokenize", "train", "evaluate", "merge", "export")}
     out = progress.outputs(tmp_path / "work")
     assert (out.hf_model / "config.json").is_file() and out.peft_adapter is None and out.steps == 2
     assert not (tmp_path / "elsewhere").exists()
@@ -345,7 +347,7 @@ def test_gui_runs_the_demo_in_a_browser(tmp_path):
             expect(page.locator("#error-train-mesh")).to_be_hidden()
             page.click("#launch-button")
             _wait_text(page, "#run-status", "Running", 60)
-            _wait_text(page, "#train-step", r"Step ([3-9]|\d\d) of 40", 400)
+            _wait_text(page, "#train-step", r"Step ([3-9]|\d\d+) of \d+", 400)
             page.click("#stop-button")
             _wait_text(page, "#run-status", "Stopped", 120)
             expect(page.locator("#stages")).to_contain_text("stopped")
@@ -382,9 +384,11 @@ def test_gui_runs_the_demo_in_a_browser(tmp_path):
             peft = page.locator("#out-peft-adapter").locator("input, textarea").first.input_value()
             stages_text = page.locator("#stages").inner_text()
             log_text = page.locator("#log-tail textarea").input_value()
+            gate_text = page.locator("#gate").inner_text()
 
             # An instruction to the trained model, answered through jora generate.
-            page.locator("#ask-prompt textarea").fill("How often should the robot batteries be checked?")
+            page.locator("#ask-prompt textarea").fill(QUESTION)
+            page.locator("#ask-context textarea").fill(CONTEXT)
             page.click("#ask-button")
             expect(page.locator("#ask-answer textarea")).not_to_have_value("", timeout=180_000)
             answer = page.locator("#ask-answer textarea").input_value()
@@ -404,6 +408,11 @@ def test_gui_runs_the_demo_in_a_browser(tmp_path):
         state = "skipped" if stage in ("convert", "tokenize") else "ran"
         assert re.search(rf"^{stage}\s+{state}\s", stages_text, re.M), stages_text
     assert f"train: resuming from step {stopped_at}" in log_text
+    # the gate's comparison, as lineage.json records it
+    gate = json.loads((work / "lineage.json").read_text())["runs"][-1]["gate"]
+    assert gate["decision"]["promote"] and gate["decision"]["against"] == "base model"
+    assert "new adapter published" in gate_text and "base model" in gate_text, gate_text
+    assert f"{gate['reports']['new']['exact_match']:.3f}" in gate_text, gate_text
     assert facts["resumed_from"] == stopped_at
     # Training was watched while it ran: several different steps appeared, and the count was right.
     settings = FinetuneSettings.model_validate(json.loads(json.dumps(

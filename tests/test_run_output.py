@@ -1,5 +1,5 @@
 """What `jora run` tells a user (issue 22): training progress lines and the final losses, each stage
-once, no Prefect warning, `-q` quiet; the demo's answer said to be gibberish; and lineage.json, a
+once, no Prefect warning, `-q` quiet; the demo's answer said what to expect of it; and lineage.json, a
 history of every run that refuses to replace a file jora did not write."""
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ from jora_model.training.progress import LINES, ProgressBar, ProgressLines
 JORA = Path(sys.executable).with_name("jora")
 OUTPUTS = {"convert": "store", "tokenize": "tokenized", "train": "train", "merge": "merged", "export": "hf-model",
            "export-adapter": "peft-adapter"}
+# The demo's flow: each stage's name in the summary -> (the name its log lines give, its output). The gate
+# scores the new adapter (evaluate/) and, on a first run, the base model (evaluate-base/).
+DEMO_FLOW = {"convert": ("convert", "store"), "tokenize": ("tokenize", "tokenized"), "train": ("train", "train"),
+             "evaluate": ("evaluate", "evaluate"), "evaluate-base": ("evaluate", "evaluate-base"),
+             "merge": ("merge", "merged"), "export": ("export", "hf-model"),
+             "export-adapter": ("export-adapter", "peft-adapter")}
 
 
 class Clock:
@@ -91,13 +97,12 @@ def test_progress_bar_mode_lines_logs_on_the_leader_only():
     assert [m.split(",")[0] for m in records.messages] == [f"train: step {s}/4 ({25 * s}%)" for s in range(1, 5)]
 
 
-def test_demo_answer_line_says_gibberish():
-    from pipeline.demo import answer_line
+def test_demo_answer_line_says_what_to_expect():
+    from pipeline.demo import ANSWER_NOTE, EXPECTED, answer_line
 
     line = answer_line("The, and\nabout" + "0" * 400)
     assert line.startswith('A: "The, and about000') and "\n" not in line
-    assert line.endswith('..." (a tiny random model trained for a minute: expect gibberish; the pipeline ran end '
-                         'to end)')
+    assert line.endswith(f'..." {ANSWER_NOTE}') and f"the answer is {EXPECTED}" in ANSWER_NOTE
 
 
 # lineage.json: a history, newest last; an old single record is a one-run history; a foreign file stays.
@@ -125,7 +130,7 @@ def test_lineage_keeps_every_run_and_reads_the_old_single_record(tmp_path):
     monday, first, newest = lineage["runs"]
     assert monday == old
     assert first["data"]["path"] == str(SAMPLE) and len(first["data"]["sha256"]) == 64
-    assert first["settings"]["train"]["lr"] == 1e-2 and newest["settings"]["train"]["lr"] == 5e-3
+    assert first["settings"]["train"]["lr"] == settings.train.lr != 5e-3 and newest["settings"]["train"]["lr"] == 5e-3
     assert newest["ran"] == [name for name in OUTPUTS if name != "convert"] and newest["finished"]
     assert not list(tmp_path.glob(".lineage*"))
 
@@ -170,8 +175,8 @@ def test_jora_run_demo_output_then_quiet(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     log = run.stderr
-    for name, out in OUTPUTS.items():  # each stage reported once on the console, once in the summary
-        assert _mentions(log, work / out) == [f"{name}: wrote"], log
+    for name, (stage, out) in DEMO_FLOW.items():  # each stage reported once on the console, once in the summary
+        assert _mentions(log, work / out) == [f"{stage}: wrote"], log
         assert len(re.findall(rf"^{name} +ran +{re.escape(str(work / out))}$", run.stdout, re.M)) == 1, run.stdout
     assert "Task run '" not in log
     assert "without a flow run id" not in log and "Warning" not in log
@@ -182,21 +187,28 @@ def test_jora_run_demo_output_then_quiet(tmp_path):
     summary = (f"Training: {facts['steps']} steps, final loss {facts['final_loss']:.4f}, "
                f"eval loss {facts['eval_loss']:.4f}")
     assert summary in run.stdout.splitlines()
-    assert re.search(r'^A: ".*" \(a tiny random model trained for a minute: expect gibberish', run.stdout, re.M)
+    assert re.search(r'^A: ".*" \(asked with its retrieved passages; the answer is ', run.stdout, re.M)
+    assert re.search(r"^Golden set \(50 questions\), exact match: [\d.]+ trained, [\d.]+ trained without the "
+                     r"passages, [\d.]+ for the base model$", run.stdout, re.M), run.stdout
+    assert re.search(r"^Gate: new adapter published: token_f1 [\d.]+, [\d.]+ better than the base model's ",
+                     run.stdout, re.M), run.stdout
 
     quiet = subprocess.run([JORA, "-q", "run", "--demo", "--workdir", work], capture_output=True, text=True, env=env,
                            timeout=600)
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-3000:]
-    assert quiet.stdout.count("skipped (up to date)") == 6 and summary in quiet.stdout.splitlines()
+    # all skipped; what is published holds this very adapter, so the gate scores nothing again
+    assert quiet.stdout.count("skipped (up to date)") == len(DEMO_FLOW) - 1 and summary in quiet.stdout.splitlines()
+    assert "evaluate-published" not in quiet.stdout and "the published model already holds it" in quiet.stdout
     runs = json.loads((work / "lineage.json").read_text())["runs"]
-    assert [r["ran"] for r in runs] == [list(OUTPUTS), []]
+    assert [r["ran"] for r in runs] == [list(DEMO_FLOW), []]
 
     # The flow's log as Prefect's UI shows it (the temporary server's database): each stage once a run,
     # the progress lines, and under -q too (-q quiets the console only).
     api = _flow_logs(tmp_path / "prefect" / "prefect.db")
     assert len(api) == 2, api
-    for name, out in OUTPUTS.items():
-        assert [_mentions(log, work / out) for log in api] == [[f"{name}: wrote"], [f"{name}: skipped,"]], api
+    for name, (stage, out) in DEMO_FLOW.items():
+        again = [] if name == "evaluate-base" else [f"{stage}: skipped,"]
+        assert [_mentions(log, work / out) for log in api] == [[f"{stage}: wrote"], again], api
     assert len(re.findall(r"^train: step \d+/\d+ ", api[0], re.M)) == len(progress)
 
 

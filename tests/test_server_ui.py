@@ -1,5 +1,6 @@
 """`jora server --port P` (issue 22): the Prefect UI it serves talks to the API on port P, not 4200, and
-shows the server's flows in a real browser; other web sites may not call the API from a browser (CORS);
+shows the server's flows in a real browser; other web sites may not call the API from a browser (CORS)
+nor reach it under their own name (a Host allow-list, against DNS rebinding);
 SIGTERM stops it with status 143 and leaves no process behind.
 
 The browser part needs Playwright and a system Chromium, as tests/test_gui.py (whose helpers it uses):
@@ -102,6 +103,14 @@ def test_server_ui_uses_the_port_it_was_started_on(tmp_path):
                 "Origin": origin, "Access-Control-Request-Method": "POST",
                 "Access-Control-Request-Headers": "content-type"})
             assert (status == 200) is allowed, (origin, status)
+
+        # A request carrying another site's name (DNS rebinding) is refused; the server's own names are not.
+        for name, allowed in ((f"evil.example:{port}", False), (f"localhost:{port}", True),
+                              (f"127.0.0.1:{port}", True)):
+            status, _, _ = _request(port, "GET", "/api/health", {"Host": name})
+            assert (status == 200) is allowed and (allowed or status == 400), (name, status)
+        status, _, _ = _request(port, "POST", "/api/flows/", {"Host": "evil.example"}, body={"name": "rebound"})
+        assert status == 400
 
         # SIGTERM to jora alone: it stops Prefect's server, which it started, and ends with 143.
         children = wait_until(lambda: descendants(server.pid), "the Prefect server process", 60, server)

@@ -65,15 +65,24 @@ def _split(ids: np.ndarray, mask: np.ndarray, where: Path, what: str) -> Request
     return Request(ids[:n].astype(np.int32), ids[n:].astype(np.int32))
 
 
-def from_records(path: Path, tokenizer: Any, template: Any, max_len: int) -> GoldenSet:
-    """Every record of an Alpaca JSON / JSON Lines file; a bad record is an error naming it."""
-    from jora_model.data.alpaca import check_record, read_records, tokenize_record
+def golden_records(path: Path) -> list[dict]:
+    """The records of an Alpaca JSON / JSON Lines golden set; a bad one is an error naming it (the flow
+    checks this before training, so a broken golden set fails in a second, not after the run)."""
+    from jora_model.data.alpaca import check_record, read_records
 
     records = read_records(path)
     for i, record in enumerate(records):
         problem = check_record(record)
         if problem is not None:
-            raise JoraError(f"record {i}: {problem}", path)
+            raise JoraError(f"golden set record {i}: {problem}", path)
+    return records
+
+
+def from_records(path: Path, tokenizer: Any, template: Any, max_len: int) -> GoldenSet:
+    """Every record of an Alpaca JSON / JSON Lines file; a bad record is an error naming it."""
+    from jora_model.data.alpaca import tokenize_record
+
+    records = golden_records(path)
     examples, dropped = [], Counter()
     for i, record in enumerate(records):
         full = tokenize_record(tokenizer, record, i, max_len, template)

@@ -20,6 +20,7 @@ from typing import Any
 from jora_model.errors import JoraError
 from pipeline.gui import checks, progress
 from pipeline.gui.progress import plain
+from pipeline.hosts import LOOPBACK, allowed_hosts
 from pipeline.gui.form import FormField, form_fields, from_form, grouped, to_form
 from pipeline.gui.runs import OFFLINE, DeploymentRun, LocalRun, Run, check_deployment, prefect_server
 from stages.children import popen_tied
@@ -327,21 +328,6 @@ def _quietly(fn, fallback=None):
     except Exception as exc:  # shown on the page by the caller's fallback; the log keeps the reason
         print(f"jora gui: {type(exc).__name__}: {exc}", file=sys.stderr)
         return fallback
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """The Host header names the page answers: a page on another site that reaches the server through
-    DNS rebinding carries its own name and is refused. Bound beyond loopback, the machine's own names
-    (and `extra`) are accepted as well."""
-    import socket
-
-    names = [*LOOPBACK, "[::1]", *extra]
-    if host not in LOOPBACK:
-        names += [socket.gethostname(), socket.getfqdn()] + ([host] if host not in ("0.0.0.0", "::") else [])
-    return list(dict.fromkeys(names))
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, base: Path | None = None, extra_hosts: tuple[str, ...] = (),

@@ -29,6 +29,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Training", ("train.",)),
     ("Mesh", ("train.mesh", "train.num_processes", "train.process_id", "train.coordinator",
               "train.heartbeat_timeout")),
+    ("Evaluation gate", ("eval.",)),
     ("Export", ("export.",)),
 )
 Kind = Literal["text", "int", "float", "bool", "choice", "multi"]
