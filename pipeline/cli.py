@@ -214,7 +214,8 @@ def deploy_command(name: str, cron: str | None, config: Path | None, demo: bool,
 def server_command(host: str, port: int, ui: bool) -> None:
     """Start a local Prefect server (telemetry off); point clients at it with
     PREFECT_API_URL=http://HOST:PORT/api."""
-    from pipeline.deploy import port_free, start_server
+    from pipeline.deploy import start_server
+    from pipeline.hosts import port_free
 
     port_free(host, port)
     sys.exit(start_server(host, port, ui))
@@ -238,7 +239,7 @@ def gui_command(host: str, port: int, workdir: Path, extra_hosts: tuple[str, ...
         from pipeline.gui.app import LOOPBACK, serve
     except ModuleNotFoundError as exc:
         raise JoraError(f"the GUI needs {exc.name}: pip install 'jora[gui]'") from None
-    from pipeline.deploy import port_free
+    from pipeline.hosts import port_free
 
     port_free(host, port)
     token = None

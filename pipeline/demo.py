@@ -131,21 +131,21 @@ def run_demo(workdir: Path, family: str = "llama2", overrides: dict | None = Non
 def golden_scores(settings: FinetuneSettings, adapter: Path, gate: dict | None) -> GoldenScores:
     """The trained adapter's and the base model's exact match on the golden set (eval.data), from the
     evaluate stage: the flow's own evaluations where its gate ran them, else made here (and cached)."""
-    from pipeline.flow import evaluation_settings
+    from pipeline.flow import evaluation_settings, golden_set
     from stages.evaluate import evaluate
 
     work = Path(settings.workdir)
-    golden = settings.eval.data or str(work / "tokenized")
-    evaluation = evaluation_settings(settings)
+    golden, evaluation = golden_set(settings), evaluation_settings(settings)
 
-    def report(out: str, with_adapter: Path | None, done_by_gate: str | None) -> dict:
-        if done_by_gate is None:
-            done_by_gate = evaluate(work / "store", golden, work / out, adapter=with_adapter, settings=evaluation,
-                                    tokenized=work / "tokenized").out_dir
-        return json.loads((Path(done_by_gate) / "report.json").read_text())
+    def report(out: str, with_adapter: Path | None, done_by_gate: dict | None) -> dict:
+        if done_by_gate is not None:
+            return done_by_gate
+        done = evaluate(work / "store", golden, work / out, adapter=with_adapter, settings=evaluation,
+                        tokenized=work / "tokenized")
+        return json.loads((Path(done.out_dir) / "report.json").read_text())
 
     against_base = gate is not None and gate["decision"]["against"] == "base model"
-    trained = report("evaluate", adapter, gate["new"] if gate else None)
-    base = report("evaluate-base", None, gate["published"] if against_base else None)
+    trained = report("evaluate", adapter, gate["reports"]["new"] if gate else None)
+    base = report("evaluate-base", None, gate["reports"]["published"] if against_base else None)
     no_context = (trained.get("no_context") or {}).get("exact_match")
     return GoldenScores(trained["n"], trained["exact_match"], no_context, base["exact_match"])

@@ -75,25 +75,6 @@ def tie_to_runner() -> None:
         die_with_parent(int(runner), signal.SIGTERM)
 
 
-def port_free(host: str, port: int) -> None:
-    """Refuse in one line a port something already listens on (the servers would fail with a traceback
-    after their start-up). Bound and closed at once: only another program's socket refuses it."""
-    import errno
-
-    from jora_model.errors import JoraError
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed socket's TIME_WAIT is no owner
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise JoraError(f"port {port} on {host} is in use (another server?); choose one with --port") \
-                    from None
-            raise JoraError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
-
-
 def start_server(host: str = "127.0.0.1", port: int = 4200, ui: bool = True) -> int:
     """Run Prefect's server in the foreground on `host` (loopback unless the user says otherwise);
     its exit status. Stopped or interrupted, the server is stopped before this returns (SIGTERM: it

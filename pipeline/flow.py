@@ -175,6 +175,11 @@ def export_adapter_task(model: str, adapter: str, out: str, base_out: str, setti
     return {**summary, "base": base}
 
 
+def golden_set(settings: FinetuneSettings) -> str:
+    """What the gate scores: eval.data, else the held-out split of the tokenize stage's output."""
+    return settings.eval.data or str(Path(settings.workdir) / "tokenized")
+
+
 def evaluation_settings(settings: FinetuneSettings):
     """The evaluate stage's settings: the eval section's, with the prompt template and length limit left to
     the tokenize output the flow passes (what training saw)."""
@@ -435,22 +440,21 @@ def _gate(settings: FinetuneSettings, work: Path, store: str, stages: dict[str, 
     """Score the new adapter and what is published now (the merged model; on a first run, the base model)
     on the same golden set, and decide. The evaluations are stages (cached) in work/evaluate/ and
     work/evaluate-published/ (or evaluate-base/); the decision is logged, published as a table artifact
-    and returned for the lineage."""
-    from jora_model.evaluation.gate import Decision, GateSettings, decide
+    and returned with both reports for the lineage."""
+    from jora_model.evaluation.gate import GateSettings, already_published, decide
     from stages.base import adapter_input, output_key
     from stages.merge import merged_adapter
 
-    golden, tokenized = settings.eval.data or stages["tokenize"]["path"], stages["tokenize"]["path"]
+    golden, tokenized = golden_set(settings), stages["tokenize"]["path"]
     evaluation = dataclasses.asdict(evaluation_settings(settings))
     stages["evaluate"] = evaluate_task(store, stages["train"]["path"], golden, str(work / "evaluate"), tokenized,
                                        evaluation)
     published = work / "merged"
     if merged_adapter(published) == adapter_input(stages["train"]["path"])[1]:
         # what is published is this very adapter: nothing to compare (a rerun on unchanged data)
-        score = stages["evaluate"]["report"][settings.eval.metric]
-        decision = Decision(True, settings.eval.metric, score, score, "published model",
-                            "new adapter published: the published model already holds it")
-        return {"decision": decision.to_dict(), "new": stages["evaluate"]["path"], "published": None}
+        decision = already_published(stages["evaluate"]["report"], settings.eval.metric)
+        return {"decision": decision.to_dict(), "new": stages["evaluate"]["path"], "published": None,
+                "reports": {"new": stages["evaluate"]["report"], "published": None}}
     if output_key(published) is not None:
         against, name = "published model", "evaluate-published"
         stages[name] = evaluate_task(str(published), None, golden, str(work / name), tokenized, evaluation)
@@ -461,7 +465,8 @@ def _gate(settings: FinetuneSettings, work: Path, store: str, stages: dict[str, 
                       against)
     (get_run_logger().info if decision.promote else get_run_logger().warning)("gate: %s", decision.reason)
     _publish_gate(stages["evaluate"]["report"], stages[name]["report"], against, decision)
-    return {"decision": decision.to_dict(), "new": stages["evaluate"]["path"], "published": stages[name]["path"]}
+    return {"decision": decision.to_dict(), "new": stages["evaluate"]["path"], "published": stages[name]["path"],
+            "reports": {"new": stages["evaluate"]["report"], "published": stages[name]["report"]}}
 
 
 def _publish_gate(new: dict[str, Any], published: dict[str, Any], against: str, decision) -> None:
@@ -540,9 +545,7 @@ def _write_lineage(work: Path, settings: FinetuneSettings, stages: dict[str, Any
         "stage_keys": {name: s["key"] for name, s in stages.items()},
         "warm_started_from": train_facts.get("warm_started_from"),
         "train": {k: train_facts.get(k) for k in ("steps", "final_loss", "eval_loss")},
-        "gate": None if gate is None else {**gate, "reports": {
-            side: json.loads((Path(gate[side]) / "report.json").read_text()) if gate[side] else None
-            for side in ("new", "published")}},
+        "gate": gate,
     })
     # written whole, then renamed: a run killed here leaves the earlier history, never half of it
     partial = path.with_name(f".{LINEAGE}.partial")

@@ -64,6 +64,24 @@ def descendants(pid: int) -> dict[int, int]:
     return found
 
 
+def marked(mark: str) -> dict[int, str]:
+    """The live processes whose environment holds `mark` ("NAME=VALUE"), with their command lines.
+    Children inherit the environment whatever their parent or session, so one that escaped its parent's
+    death (adopted by init, or started in its own session) is still found."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environment = open(f"/proc/{entry}/environ", "rb").read()
+        except OSError:
+            continue
+        stat = _stat(int(entry))
+        if mark.encode() in environment and stat is not None and stat[1] != "Z":
+            found[int(entry)] = command_line(int(entry))
+    return found
+
+
 def alive(processes: dict[int, int]) -> dict[int, str]:
     """Those of `processes` (pid -> start time) still running, with their command lines; a zombie
     (dead, not yet reaped by whoever adopted it) counts as gone."""

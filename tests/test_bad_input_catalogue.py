@@ -33,17 +33,15 @@ from typing import Callable
 
 import pytest
 
-from jora_model.model.lora import LoraSettings
-from jora_model.training.settings import TrainSettings
 from stages.export import export
 from stages.merge import merge
 from stages.tokenize import TokenizeSettings, tokenize
-from stages.train import train
 from tests.conftest import VOCAB
 from tests.oracles.checkpoints import (hf_to_meta_state_dict, meta_params, random_hf_llama_from_meta,
                                        train_tokenizer, write_meta_checkpoint)
+from tests.processes import command_line, descendants, marked
 from tests.test_convert_stage import file_identities
-from tests.train_helpers import tiny_data, tiny_store
+from tests.train_helpers import tiny_data, tiny_run, tiny_store
 
 JORA = Path(sys.executable).with_name("jora")
 MARK = "JORA_CATALOGUE_CASE"  # in the environment of every process a case starts
@@ -76,9 +74,7 @@ def world(tmp_path_factory, tokenizer_model) -> World:
     _, store = tiny_store(root, tokenizer_model, seed=0)
     _, other = tiny_store(root, tokenizer_model, seed=1)
     shards = tiny_data(root, tokenizer_model)
-    settings = TrainSettings(lora=LoraSettings(r=4, alpha=8.0), batch_size=2, grad_accum=1, max_seq_len=256,
-                             max_steps=2, eval_every=0, lr=1e-2)
-    run = train(store, shards, root / "run", settings, progress=False).out_dir
+    run = tiny_run(store, shards, root / "run")
     merged = merge(store, run, root / "merged", progress=False).out_dir
     other_hf = export(other, root / "other-hf", verify=False).out_dir
     foreign = train_tokenizer(root / "foreign" / "tokenizer.model", vocab_size=310)
@@ -180,8 +176,6 @@ def _sigterm_when(ready: Callable[[int], bool]) -> Callable:
 
 
 def _workers_busy(pid: int) -> bool:
-    from tests.processes import command_line, descendants
-
     return sum("spawn_main" in command_line(child) for child in descendants(pid)) >= 2
 
 
@@ -486,22 +480,6 @@ CASES = {**_convert_cases(), **_tokenize_cases(), **_train_cases(), **_adapter_c
 
 # --- the checks -------------------------------------------------------------------------------------
 
-def _marked(mark: str) -> dict[int, str]:
-    """The live processes whose environment holds `mark`: pid -> command line."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if mark.encode() in open(f"/proc/{entry}/environ", "rb").read():
-                state = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    found[int(entry)] = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-    return found
-
-
 def _state(roots: list[Path], allowed: tuple, tmp: Path) -> dict[str, tuple]:
     """file_identities of every root, leaving out what the case may write (globs under its directory).
     A directory keeps only its inode: its mtime moves when a lock or a partial output beside the
@@ -581,7 +559,7 @@ def test_bad_input(case, world, tmp_path, holding):
     if call.alone:
         assert lines == errors, output[-3000:]
     deadline = time.monotonic() + 60  # children told by the kernel that their parent died take a moment
-    while (left := _marked(f"{MARK}={token}")) and time.monotonic() < deadline:
+    while (left := marked(f"{MARK}={token}")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, left
     assert _state(roots, call.written, tmp_path) == before
@@ -611,7 +589,7 @@ def test_bad_input_in_a_run_launched_from_the_gui(world, tmp_path, monkeypatch):
     assert view.status == "failed" and view.error == f"{missing}: data file not found", view
     assert not any("Traceback" in line for line in view.log), view.log
     assert [line for line in view.log if line.startswith("error: ")] == [f"error: {view.error}"]
-    assert not _marked(f"{MARK}={token}")
+    assert not marked(f"{MARK}={token}")
     assert _state([world.root, tmp_path], allowed, tmp_path) == before
 
 
@@ -620,7 +598,7 @@ def test_the_checks_see_a_process_left_behind_and_a_file_written(tmp_path):
     its marker, and a file written or rewritten changes the state."""
     token = uuid.uuid4().hex
     subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 &"], env={**os.environ, MARK: token}, check=True)
-    left = _marked(f"{MARK}={token}")
+    left = marked(f"{MARK}={token}")
     assert len(left) == 1 and "sleep 60" in next(iter(left.values()))
     os.kill(next(iter(left)), signal.SIGKILL)
     (tmp_path / "kept").write_text("a")

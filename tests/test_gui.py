@@ -292,14 +292,21 @@ def _field(page, name: str):
     return page.locator(f"#field-{name.replace('.', '-')}").locator("input, textarea").first
 
 
-def test_gui_runs_the_demo_in_a_browser(tmp_path):
+def require_chromium(what: str) -> str:
+    """The system Chromium for a browser test, else that test skips, or fails where JORA_REQUIRE_BROWSER
+    is set (.ci/run sets it: CI never passes a browser test it did not run)."""
     chromium = _browser()
     if chromium is None:
-        message = ("the GUI browser test needs Playwright and a system Chromium: "
+        message = (f"{what} needs Playwright and a system Chromium: "
                    "pip install -e '.[test,gui]' and apt-get install chromium (.ci/run does both)")
         if os.environ.get("JORA_REQUIRE_BROWSER"):
             pytest.fail(message)
         pytest.skip(message)
+    return chromium
+
+
+def test_gui_runs_the_demo_in_a_browser(tmp_path):
+    chromium = require_chromium("the GUI browser test")
     from playwright.sync_api import expect, sync_playwright
 
     port = free_port()

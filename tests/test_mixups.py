@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from jora_model.data.shards import Row, ShardSet, ShardWriter
 from jora_model.errors import JoraError
 from jora_model.model.lora import LoraSettings
-from jora_model.training.settings import TrainSettings
 # Imported here, not first inside a CliRunner invocation of `jora run`: prefect sets itself up at import on
 # the streams of the moment, CliRunner's are closed when the invocation ends, and pytest's capture then fails.
 import pipeline.flow  # noqa: F401
@@ -25,10 +24,9 @@ from pipeline.settings import load_settings, set_dotted
 from stages.base import upstream_key
 from stages.convert import ConvertSettings, convert
 from stages.merge import merge
-from stages.train import train
 from tests.oracles.checkpoints import train_tokenizer
 from tests.test_convert_stage import assert_clean_failure, file_identities, no_leftovers
-from tests.train_helpers import tiny_data, tiny_store
+from tests.train_helpers import tiny_data, tiny_run, tiny_store
 
 TRAIN = ["--lora-r", "4", "--batch-size", "2", "--grad-accum", "1", "--max-seq-len", "256", "--max-steps", "1",
          "--eval-every", "0", "--lr", "1e-3"]
@@ -49,9 +47,7 @@ def world(tmp_path_factory, tokenizer_model):
     _, base = tiny_store(root, tokenizer_model, seed=0)
     _, other = tiny_store(root, tokenizer_model, seed=1)
     data = tiny_data(root, tokenizer_model)
-    settings = TrainSettings(lora=LoraSettings(r=4, alpha=8.0), batch_size=2, grad_accum=1, max_seq_len=256,
-                             max_steps=2, eval_every=0, lr=1e-2)
-    run = train(base, data, root / "run", settings, progress=False).out_dir
+    run = tiny_run(base, data, root / "run")
     return root, base, other, data, run / "adapter"
 
 

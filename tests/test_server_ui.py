@@ -16,24 +16,11 @@ import signal
 import subprocess
 import urllib.request
 
-import pytest
-
 from pipeline.deploy import server_environment
 from tests.processes import assert_all_end, descendants, free_port, stop_group, wait_until
-from tests.test_gui import CHROMIUM_FLAGS, JORA, _browser, _wait_up
+from tests.test_gui import CHROMIUM_FLAGS, JORA, _wait_up, require_chromium
 
 FLOW = "jora-issue-22-probe"  # a flow registered through port P: the page shows it only if it asked port P
-
-
-def _chromium() -> str:
-    chromium = _browser()
-    if chromium is None:
-        message = ("the Prefect UI browser test needs Playwright and a system Chromium: "
-                   "pip install -e '.[test,gui]' and apt-get install chromium (.ci/run does both)")
-        if os.environ.get("JORA_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return chromium
 
 
 def _request(port: int, method: str, path: str, headers: dict | None = None, body: dict | None = None):
@@ -66,7 +53,7 @@ def _page_text(chromium: str, url: str, expected: str, requests: list[str]) -> s
 
 
 def test_server_ui_uses_the_port_it_was_started_on(tmp_path):
-    chromium = _chromium()
+    chromium = require_chromium("the Prefect UI browser test")
     port = free_port()
     env = {name: value for name, value in os.environ.items()
            if name not in ("PREFECT_UI_API_URL", "PREFECT_SERVER_UI_API_URL")}

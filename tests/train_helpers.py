@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 from stages.convert import ConvertSettings, convert
+from stages.train import train
 from stages.tokenize import TokenizeSettings, tokenize
 from tests.oracles.checkpoints import random_hf_llama, write_hf_dir
 
@@ -30,3 +31,13 @@ def tiny_data(root: Path, tokenizer: Path, n: int = 24, seed: int = 0, max_len: 
     data.write_text(json.dumps(records))
     return tokenize(data, root / f"shards-{seed}", tokenizer,
                     TokenizeSettings(max_seq_len=max_len, val_fraction=0.2), workers=1).out_dir
+
+
+def tiny_run(store: Path, shards: Path, out: Path) -> Path:
+    """Two steps of LoRA (r 4) on `store` with `shards`: a train output whose adapter is not the identity."""
+    from jora_model.model.lora import LoraSettings
+    from jora_model.training.settings import TrainSettings
+
+    settings = TrainSettings(lora=LoraSettings(r=4, alpha=8.0), batch_size=2, grad_accum=1, max_seq_len=256,
+                             max_steps=2, eval_every=0, lr=1e-2)
+    return train(store, shards, out, settings, progress=False).out_dir

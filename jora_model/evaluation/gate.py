@@ -52,3 +52,11 @@ def decide(new: dict[str, Any], published: dict[str, Any], settings: GateSetting
               f"(tolerance {settings.tolerance:g})")
     return Decision(promote, settings.metric, mine, theirs, against, reason)
 
+
+
+def already_published(new: dict[str, Any], metric_name: str) -> Decision:
+    """The decision when what is published holds this very adapter (a rerun on unchanged data): nothing
+    to compare, and nothing to hold back."""
+    score = metric(new, metric_name)
+    return Decision(True, metric_name, score, score, "published model",
+                    "new adapter published: the published model already holds it")
